@@ -1,0 +1,210 @@
+"""Frozen configuration objects: the sparsity pattern and the options of one `sparsify` call.
+
+A :class:`Pattern` is either unstructured (a fraction of each weight set to zero) or N:M (at most
+N non-zeros in every group of M consecutive input weights of a row). :func:`parse_pattern` accepts
+``0.5``, ``"50%"``, ``"0.5"``, ``"2:4"`` and ``"4:8"``.
+
+:class:`SparsifyConfig` holds everything else. It is a frozen dataclass with a ``version`` field and
+round-trips through :meth:`SparsifyConfig.to_dict` / :meth:`SparsifyConfig.from_dict`; which
+layers are pruned is data (glob rules), not code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Union
+
+from .errors import ConfigError, PatternError
+
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A sparsity pattern: ``Pattern(sparsity=0.5)`` or ``Pattern(n=2, m=4)`` (2:4)."""
+
+    sparsity: float = 0.0
+    n: int = 0
+    m: int = 0
+
+    def __post_init__(self) -> None:
+        if self.m:
+            if not (0 < self.n < self.m):
+                raise PatternError(
+                    f"N:M pattern {self.n}:{self.m} is invalid: need 0 < N < M (for example '2:4')."
+                )
+            object.__setattr__(self, "sparsity", 1.0 - self.n / self.m)
+        elif not (0.0 <= self.sparsity < 1.0):
+            raise PatternError(
+                f"sparsity {self.sparsity!r} is outside [0, 1): give the fraction of weights to "
+                "remove, e.g. 0.5 for 50%."
+            )
+
+    @property
+    def is_nm(self) -> bool:
+        """True for an N:M (semi-structured) pattern."""
+        return self.m > 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:g}"
+
+
+PatternLike = Union[Pattern, float, int, str]
+
+
+def parse_pattern(value: PatternLike) -> Pattern:
+    """Parse ``0.5``, ``"50%"``, ``"0.5"``, ``"2:4"`` into a :class:`Pattern`.
+
+    Raises:
+        PatternError: the value does not parse or is out of range.
+    """
+    if isinstance(value, Pattern):
+        return value
+    if isinstance(value, bool):
+        raise PatternError(f"sparsity must be a number or 'N:M' string, got {value!r}")
+    if isinstance(value, (int, float)):
+        return Pattern(sparsity=float(value))
+    if isinstance(value, str):
+        text = value.strip()
+        match = re.fullmatch(r"(\d+)\s*:\s*(\d+)", text)
+        if match:
+            return Pattern(n=int(match.group(1)), m=int(match.group(2)))
+        match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*%", text)
+        if match:
+            return Pattern(sparsity=float(match.group(1)) / 100.0)
+        try:
+            return Pattern(sparsity=float(text))
+        except ValueError:
+            pass
+    raise PatternError(
+        f"cannot parse sparsity pattern {value!r}: use a fraction in [0, 1) such as 0.5 or '50%', "
+        "or an N:M pattern such as '2:4' or '4:8'."
+    )
+
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "optima", "moonshot")
+BASES = ("magnitude", "wanda", "sparsegpt", "optima")
+FISHER_KINDS = ("token", "sample")
+
+#: Default exclusions: embeddings, LM heads and final classifiers are kept dense.
+DEFAULT_EXCLUDE = ("*embed*", "*lm_head*", "*wte*", "*wpe*", "*classifier*", "fc.weight", "head.weight", "linear.weight")
+
+
+@dataclass(frozen=True)
+class SparsifyConfig:
+    """All options of :func:`moonshot_fx.sparsify` except the model and the data.
+
+    Attributes:
+        sparsity: default pattern for every site (see :func:`parse_pattern`).
+        method: ``magnitude``, ``wanda``, ``sparsegpt``, ``optima`` or ``moonshot``.
+        base: base pruner that ``moonshot`` wraps (ignored otherwise).
+        mask_from: mask selector used by ``optima`` before its exact re-solve.
+        alpha: weight of the reconstruction term in MOONSHOT's objective, in [0, 1], or ``"auto"``.
+        alpha_grid: candidate values tried by ``alpha="auto"``.
+        fisher: ``"token"`` (Xᵀdiag(‖δ_t‖²)X) or ``"sample"`` (Σ_k G_kᵀG_k) Fisher for MOONSHOT.
+        include / exclude: glob rules on weight FQNs (``model.layers.*.mlp.*``); exclude wins.
+        overrides: per-site patterns, ``{glob: pattern}``; the first matching glob applies.
+        sequential: prune in graph order, each site calibrated on already-pruned inputs.
+            ``None`` chooses: on for models with 8+ sites.
+        dampening: relative dampening λ added as λ·mean(diag H) to the Hessian diagonal.
+        blocksize: SparseGPT column block size (lazy batch updates).
+        device: where the pruning maths runs (defaults to the weight's device).
+    """
+
+    sparsity: PatternLike = 0.5
+    method: str = "sparsegpt"
+    base: str = "sparsegpt"
+    mask_from: str = "sparsegpt"
+    alpha: Union[float, str] = 0.75
+    alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    fisher: str = "token"
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    overrides: Mapping[str, PatternLike] = field(default_factory=dict)
+    sequential: Union[bool, None] = None
+    dampening: float = 0.01
+    blocksize: int = 128
+    device: Union[str, None] = None
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        parse_pattern(self.sparsity)
+        for glob, pat in dict(self.overrides).items():
+            if not isinstance(glob, str):
+                raise ConfigError(f"override keys must be glob strings, got {glob!r}")
+            parse_pattern(pat)
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}.")
+        if self.base not in BASES:
+            raise ConfigError(f"unknown MOONSHOT base {self.base!r}: choose one of {', '.join(BASES)}.")
+        if self.mask_from not in ("magnitude", "wanda", "sparsegpt", "moonshot"):
+            raise ConfigError(f"unknown OPTIMA mask_from {self.mask_from!r}.")
+        if self.fisher not in FISHER_KINDS:
+            raise ConfigError(f"unknown fisher kind {self.fisher!r}: choose 'token' or 'sample'.")
+        if isinstance(self.alpha, str):
+            if self.alpha != "auto":
+                raise ConfigError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}")
+        elif not (0.0 <= float(self.alpha) <= 1.0):
+            raise ConfigError(f"alpha={self.alpha} is outside [0, 1].")
+        if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise ConfigError(f"alpha_grid {self.alpha_grid} must be non-empty values in [0, 1].")
+        if not self.dampening > 0:
+            raise ConfigError(f"dampening must be > 0, got {self.dampening}")
+        if self.blocksize < 1:
+            raise ConfigError(f"blocksize must be >= 1, got {self.blocksize}")
+        for name in ("include", "exclude", "alpha_grid"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            else:
+                object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "overrides", dict(self.overrides))
+
+    @property
+    def pattern(self) -> Pattern:
+        """The default pattern, parsed."""
+        return parse_pattern(self.sparsity)
+
+    def pattern_for(self, name: str) -> Pattern:
+        """The pattern for the site whose weight FQN is ``name`` (first matching override wins)."""
+        for glob, pat in self.overrides.items():
+            if fnmatch.fnmatchcase(name, glob):
+                return parse_pattern(pat)
+        return self.pattern
+
+    def selects(self, name: str) -> bool:
+        """Whether the include/exclude globs select the weight FQN ``name``."""
+        if not any(fnmatch.fnmatchcase(name, g) for g in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(name, g) for g in self.exclude)
+
+    def replace(self, **changes: Any) -> "SparsifyConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict; :meth:`from_dict` restores an equal config."""
+        out = dataclasses.asdict(self)
+        out["sparsity"] = str(self.pattern) if isinstance(self.sparsity, Pattern) else self.sparsity
+        out["overrides"] = {k: (str(v) if isinstance(v, Pattern) else v) for k, v in self.overrides.items()}
+        for key in ("include", "exclude", "alpha_grid"):
+            out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SparsifyConfig":
+        """Build a config from :meth:`to_dict` output; unknown keys raise :class:`ConfigError`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(names)}")
+        version = data.get("version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise ConfigError(f"config version {version} is newer than this moonshot-fx ({CONFIG_VERSION}).")
+        kwargs = dict(data)
+        for key in ("include", "exclude", "alpha_grid"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)

@@ -1,0 +1,38 @@
+"""Exception family of moonshot-fx.
+
+Every error raised on bad input derives from :class:`MoonshotError`, so a caller can catch the
+whole family; each subclass names what was wrong, and its message says how to fix it.
+"""
+from __future__ import annotations
+
+
+class MoonshotError(Exception):
+    """Base class of every error moonshot-fx raises on purpose."""
+
+
+class PatternError(MoonshotError, ValueError):
+    """A sparsity pattern that does not parse or does not fit a weight (e.g. N:M with in % M != 0)."""
+
+
+class ConfigError(MoonshotError, ValueError):
+    """An invalid option: unknown method, alpha outside [0, 1], bad glob, unknown config key."""
+
+
+class TraceError(MoonshotError, RuntimeError):
+    """The model could not be captured as a graph by torch.export nor torch.fx.symbolic_trace."""
+
+
+class NoPrunableSitesError(MoonshotError, ValueError):
+    """Discovery (after include/exclude filtering) found no weight to prune."""
+
+
+class CalibrationError(MoonshotError, ValueError):
+    """Calibration data is empty, malformed, or produced non-finite statistics."""
+
+
+class LinalgError(MoonshotError, RuntimeError):
+    """A Hessian stayed non positive-definite after every dampening retry."""
+
+
+class BackendUnavailableError(MoonshotError, RuntimeError):
+    """A deployment backend cannot run here (no CUDA, missing package, unsupported shape)."""

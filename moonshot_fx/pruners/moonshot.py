@@ -1,0 +1,62 @@
+"""MOONSHOT: prune against a mix of the reconstruction and the Taylor/Fisher objectives.
+
+For one site with dense weights ``W`` and pruned ``Ŵ`` (``Δ = W − Ŵ``):
+
+* reconstruction error  ``f_rec = ‖XWᵀ − XŴᵀ‖² = tr(Δ H Δᵀ)``, ``H = XᵀX``;
+* second-order Taylor term of the loss with the empirical Fisher as curvature, in the shared
+  ``d_in × d_in`` form ``f_tay = tr(Δ F Δᵀ)`` (``F`` from :mod:`moonshot_fx.stats`).
+
+Each term is normalised by the mean diagonal of its curvature (the cost of moving an average
+input weight by one), so neither scale decides:
+
+    f_mix = α · f_rec / c_rec + (1 − α) · f_tay / c_tay = tr(Δ H_mix Δᵀ),
+    H_mix = α · H / c_rec + (1 − α) · F / c_tay.
+
+Because ``f_mix`` keeps the quadratic shape of ``f_rec``, every Hessian-driven base pruner takes
+``H_mix`` unchanged. ``α = 1`` hands the base pruner ``H`` itself (bit-identical results).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import Pattern
+
+
+def mix_hessians(hessian: torch.Tensor, fisher: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """``H_mix`` as above; ``alpha == 1`` (or no Fisher) returns ``hessian`` itself."""
+    if fisher is None or alpha >= 1.0:
+        return hessian
+    h = hessian.to(torch.float32)
+    f = fisher.to(torch.float32)
+    c_f = torch.diagonal(f).mean().clamp_min(torch.finfo(torch.float32).tiny)
+    if alpha <= 0.0:
+        return f / c_f
+    c_h = torch.diagonal(h).mean().clamp_min(torch.finfo(torch.float32).tiny)
+    return alpha * (h / c_h) + (1.0 - alpha) * (f / c_f)
+
+
+def quadratic_error(weight: torch.Tensor, pruned: torch.Tensor, curvature: torch.Tensor) -> float:
+    """``tr(Δ C Δᵀ)`` with ``Δ = W − Ŵ``: reconstruction error for ``C = H``, Taylor term for ``C = F``."""
+    delta = (weight.to(torch.float64) - pruned.to(torch.float64))
+    return float(((delta @ curvature.to(torch.float64)) * delta).sum())
+
+
+def mixed_objective(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor, alpha: float) -> float:
+    """``f_mix`` of ``pruned`` (the quantity MOONSHOT minimises)."""
+    return quadratic_error(weight, pruned, mix_hessians(hessian, fisher, min(alpha, 1.0 - 1e-12) if alpha >= 1 else alpha))
+
+
+def moonshot_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    pattern: Pattern,
+    *,
+    fisher: torch.Tensor | None = None,
+    alpha: float = 0.75,
+    base: str = "sparsegpt",
+    **options: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the ``base`` pruner on ``H_mix``; returns ``(W_hat, mask)``."""
+    from . import get_pruner
+
+    return get_pruner(base)(weight, mix_hessians(hessian, fisher, float(alpha)), pattern, **options)
