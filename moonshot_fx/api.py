@@ -1,0 +1,271 @@
+"""Public entry points: :func:`sparsify` (the whole pipeline) and :func:`inspect` (site table).
+
+Pipeline: capture → discover → (gradients, for MOONSHOT) → calibrate → prune → apply. Nothing is
+written into the model until every site has been pruned and checked, so a failure leaves the
+model's weights untouched.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import SparsifyConfig
+from .errors import CalibrationError, ConfigError, PatternError
+from .masks import check_pattern
+from .passes.apply import write_weights
+from .passes.calibrate import LossFn, collect_gradients, collect_hessians, default_loss, group_sites
+from .passes.capture import CapturedGraph, capture, iter_batches, normalize_batch
+from .passes.discover import Site, find_sites, select_sites
+from .passes.prune import SiteResult, prune_group, to_matrix
+from .passes.runner import GraphRunner
+from .passes.sequential import sequential_prune
+from .report import SiteReport, SparsityReport
+
+log = logging.getLogger(__name__)
+
+#: sequential mode is chosen automatically for models with at least this many sites
+AUTO_SEQUENTIAL_SITES = 8
+
+
+def _progress(enabled: bool, desc: str, total: int | None = None) -> Callable[[Iterable[Any]], Iterable[Any]]:
+    if not enabled:
+        return lambda it: it
+    from tqdm.auto import tqdm
+
+    return lambda it: tqdm(it, desc=desc, total=total, leave=False)
+
+
+def _prepare(model: nn.Module, example_inputs: Any, batches: list[Any]) -> tuple[CapturedGraph, list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    norm = [normalize_batch(b, model) for b in batches]
+    if example_inputs is not None:
+        args, kwargs = normalize_batch(example_inputs, model)
+    elif norm:
+        args, kwargs = norm[0]
+    else:
+        raise CalibrationError("give example_inputs or calibration batches: the model must be run to be traced.")
+    captured = capture(model, args, kwargs)
+    if norm and not all(captured.matches(a, k) for a, k in norm):
+        captured = capture(model, *norm[0])  # static graph: trace again at the calibration shape
+        if not all(captured.matches(a, k) for a, k in norm):
+            raise CalibrationError(
+                "the model traced only with static shapes and calibration batches differ in shape; "
+                "give calibration batches of one shape (e.g. fixed-length token windows).")
+    return captured, norm
+
+
+def inspect(model: nn.Module, example_inputs: Any, config: SparsifyConfig | None = None, *, prune_head: bool = False) -> list[dict[str, Any]]:
+    """Table of every candidate weight: name, kind, shape, params, shared-input group, whether
+    the given (or default) config selects it, and why a site is skipped."""
+    cfg = config or SparsifyConfig()
+    args, kwargs = normalize_batch(example_inputs, model)
+    captured = capture(model, args, kwargs)
+    sites = find_sites(captured.gm, model)
+    try:
+        chosen = {s.name for s in select_sites(sites, cfg, prune_head=prune_head)}
+    except Exception:  # noqa: BLE001 - inspect reports, it does not refuse
+        chosen = set()
+    return [{**s.row(), "selected": s.name in chosen} for s in sites]
+
+
+def _validate_patterns(sites: Sequence[Site], cfg: SparsifyConfig) -> None:
+    for s in sites:
+        pat = cfg.pattern_for(s.name)
+        cols = s.matrix_shape[1]
+        if pat.is_nm and cols % pat.m:
+            raise PatternError(
+                f"{pat} sparsity needs in_features divisible by {pat.m}, but {s.name} has {cols} inputs; "
+                f"exclude it (exclude=[..., '{s.name}']) or give it an unstructured override "
+                f"(overrides={{'{s.name}': 0.5}}).")
+
+
+def sparsify(
+    model: nn.Module,
+    example_inputs: Any = None,
+    calibration: Iterable[Any] | None = None,
+    sparsity: Any = 0.5,
+    method: str = "sparsegpt",
+    *,
+    config: SparsifyConfig | None = None,
+    loss_fn: LossFn | None = None,
+    prune_head: bool = False,
+    max_batches: int | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> nn.Module:
+    """Prune ``model`` in place, one shot, and return it (same object and class).
+
+    Args:
+        model: any ``nn.Module`` that torch.export (or fx.symbolic_trace) can trace.
+        example_inputs: one batch used for tracing; defaults to the first calibration batch.
+        calibration: iterable of batches — a tensor, a tuple of positional inputs, or a dict of
+            keyword inputs (HF style). Not needed for ``method="magnitude"``.
+        sparsity: fraction in [0, 1) or ``"N:M"`` (e.g. ``"2:4"``).
+        method: ``magnitude``, ``wanda``, ``sparsegpt``, ``optima`` or ``moonshot``.
+        config: a full :class:`SparsifyConfig` (then ``sparsity``/``method``/``options`` are ignored).
+        loss_fn: ``(output, args, kwargs) -> (batch,)`` per-sample losses for MOONSHOT's Fisher
+            and ``alpha="auto"``; default: LM next-token cross-entropy, or classifier
+            cross-entropy on the dense model's own predictions.
+        prune_head: also prune the final classifier / LM head when the globs allow it.
+        max_batches: use at most this many calibration batches.
+        progress: show tqdm progress bars.
+        **options: any other :class:`SparsifyConfig` field (``base``, ``alpha``, ``include``,
+            ``exclude``, ``overrides``, ``sequential``, ``dampening``, ``blocksize``, ``fisher`` …).
+
+    Returns:
+        ``model`` with pruned weights; ``model.moonshot_report`` holds a :class:`SparsityReport`.
+
+    Raises:
+        PatternError, ConfigError, TraceError, NoPrunableSitesError, CalibrationError, LinalgError
+        (all :class:`MoonshotError`); the model's weights are unchanged when any is raised.
+    """
+    cfg = config or SparsifyConfig(sparsity=sparsity, method=method, **options)
+    if config is not None and options:
+        raise ConfigError(f"pass options inside config, not both: {sorted(options)}")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    batches = list(iter_batches(calibration, max_batches))
+    if not batches and cfg.method != "magnitude":
+        if example_inputs is None:
+            raise CalibrationError(f"method {cfg.method!r} needs calibration data; pass calibration=[batch, ...].")
+        warnings.warn("no calibration data given: calibrating on example_inputs only; pruning quality will suffer.",
+                      stacklevel=2)
+        batches = [example_inputs]
+    was_training = model.training
+    model.eval()
+    try:
+        captured, norm = _prepare(model, example_inputs, batches)
+        timings["capture"] = time.perf_counter() - t0
+        all_sites = find_sites(captured.gm, model)
+        sites = select_sites(all_sites, cfg, prune_head=prune_head)
+        _validate_patterns(sites, cfg)
+        sequential = cfg.sequential if cfg.sequential is not None else len(sites) >= AUTO_SEQUENTIAL_SITES
+        report = SparsityReport(config=cfg.to_dict(), skipped={s.name: s.skipped for s in all_sites if s.skipped},
+                                sequential=sequential and cfg.method != "magnitude", capture_method=captured.method)
+        results = _run(model, captured, sites, norm, cfg, sequential, loss_fn, progress, timings, report)
+        for s in sites:
+            r = results[s.name]
+            if not check_pattern(to_matrix(s, r.weight), r.pattern):
+                raise PatternError(f"internal error: {s.name} does not satisfy {r.pattern}; model left unchanged")
+        write_weights(model, {name: r.weight for name, r in results.items()})
+    finally:
+        model.train(was_training)
+    report.sites = [SiteReport(r.name, r.pattern, r.sparsity, r.rel_error, s.params, r.seconds)
+                    for s in sites for r in [results[s.name]]]
+    timings["total"] = time.perf_counter() - t0
+    report.timings = timings
+    model.moonshot_report = report  # type: ignore[assignment]
+    log.info("%s", report)
+    return model
+
+
+def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: list[Any], cfg: SparsifyConfig,
+         sequential: bool, loss_fn: LossFn | None, progress: bool, timings: dict[str, float],
+         report: SparsityReport) -> dict[str, SiteResult]:
+    """Gradients (MOONSHOT), alpha search, calibration and pruning; returns results, writes nothing."""
+    if cfg.method == "magnitude":
+        t = time.perf_counter()
+        out = {r.name: r for g in group_sites(sites).values() for r in prune_group(g, _NoStats(), model, cfg)}
+        timings["prune"] = time.perf_counter() - t
+        return out
+    flat = [captured.flat_inputs(a, k) for a, k in norm]
+    row_weights = sample_fishers = None
+    alpha: float | None = None
+    if cfg.method == "moonshot" and (cfg.alpha == "auto" or float(cfg.alpha) < 1.0):
+        t = time.perf_counter()
+        row_weights, sample_fishers, _ = collect_gradients(
+            captured, sites, norm, kind=cfg.fisher, loss_fn=loss_fn,
+            progress=_progress(progress, "gradients", len(norm)))
+        if cfg.fisher != "token":
+            row_weights = None
+        timings["gradients"] = time.perf_counter() - t
+        if cfg.alpha == "auto":
+            t = time.perf_counter()
+            alpha, scores = choose_alpha(model, captured, sites, norm, cfg, row_weights, sample_fishers, loss_fn, progress)
+            report.alpha_search = {f"{a:g}": v for a, v in scores.items()}
+            timings["alpha_search"] = time.perf_counter() - t
+        else:
+            alpha = float(cfg.alpha)
+        report.alpha = alpha
+    t = time.perf_counter()
+    if sequential:
+        groups = group_sites(sites)
+        bar = _progress(progress, "prune (sequential)", len(groups))(range(len(groups)))
+        it = iter(bar)
+        results = sequential_prune(captured, model, sites, flat, cfg, row_weights=row_weights,
+                                   sample_fishers=sample_fishers, alpha=alpha, on_group=lambda _r: next(it, None))
+        for _ in it:
+            pass
+    else:
+        stats = collect_hessians(captured, sites, flat, row_weights=row_weights,
+                                 progress=_progress(progress, "calibrate", len(flat)))
+        timings["calibrate"] = time.perf_counter() - t
+        results = _prune_all(model, sites, stats, cfg, sample_fishers, alpha, progress)
+    timings["prune"] = time.perf_counter() - t
+    return results
+
+
+class _NoStats:
+    """Stand-in statistics for data-free magnitude pruning."""
+
+    fisher: dict[str, torch.Tensor] = {}
+    rows = 0
+
+    def mean_hessian(self) -> None:  # pragma: no cover - never called for magnitude
+        return None
+
+
+def _prune_all(model: nn.Module, sites: list[Site], stats: dict[str, Any], cfg: SparsifyConfig,
+               sample_fishers: dict[str, torch.Tensor] | None, alpha: float | None, progress: bool) -> dict[str, SiteResult]:
+    out: dict[str, SiteResult] = {}
+    groups = group_sites(sites)
+    for g in _progress(progress, "prune", len(groups))(list(groups)):
+        for r in prune_group(groups[g], stats[g], model, cfg, sample_fishers=sample_fishers, alpha=alpha):
+            out[r.name] = r
+    return out
+
+
+def held_out_loss(captured: CapturedGraph, sites: list[Site], norm: list[Any], weights: dict[str, torch.Tensor],
+                  loss_fn: LossFn | None) -> float:
+    """Mean per-sample loss of the model with ``weights`` substituted, over ``norm`` batches."""
+    runner = GraphRunner(captured, sites, weights=weights)
+    fn = loss_fn or default_loss
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for args, kwargs in norm:
+            flat = runner.run([captured.flat_inputs(args, kwargs)])
+            assert flat is not None
+            losses = fn(captured.unflatten(flat[0]), args, kwargs)
+            total += float(losses.sum())
+            count += losses.shape[0]
+    return total / max(1, count)
+
+
+def choose_alpha(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: list[Any], cfg: SparsifyConfig,
+                 row_weights: dict[str, list[torch.Tensor]] | None, sample_fishers: dict[str, torch.Tensor] | None,
+                 loss_fn: LossFn | None, progress: bool) -> tuple[float, dict[float, float]]:
+    """Pick α from ``cfg.alpha_grid`` by the loss on a held-out slice of the calibration batches.
+
+    The statistics (H and F, dense model) are collected once; each α costs one pure-maths prune
+    of every group plus one forward over the held-out slice (1/8 of the batches, at least one).
+    With a single batch the slice is that batch itself (documented: no held-out data exists).
+    """
+    n_hold = max(1, len(norm) // 8)
+    held = norm[-n_hold:]
+    fit_idx = list(range(len(norm) - n_hold)) or [0]
+    flat_fit = [captured.flat_inputs(*norm[i]) for i in fit_idx]
+    rw = {k: [v[i] for i in fit_idx] for k, v in row_weights.items()} if row_weights else None
+    stats = collect_hessians(captured, sites, flat_fit, row_weights=rw)
+    scores: dict[float, float] = {}
+    for a in _progress(progress, "alpha search", len(cfg.alpha_grid))(list(cfg.alpha_grid)):
+        res = _prune_all(model, sites, stats, cfg, sample_fishers, a, progress=False)
+        loss = held_out_loss(captured, sites, held, {k: r.weight for k, r in res.items()}, loss_fn)
+        scores[a] = loss if math.isfinite(loss) else float("inf")
+        log.info("alpha=%.3g held-out loss %.4f", a, scores[a])
+    best = min(scores, key=lambda a: (scores[a], -a))
+    return best, scores

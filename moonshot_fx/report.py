@@ -1,0 +1,66 @@
+"""The report a `sparsify` call attaches to the model (``model.moonshot_report``)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class SiteReport:
+    """One pruned weight."""
+
+    name: str
+    pattern: str
+    sparsity: float
+    rel_error: float
+    params: int
+    seconds: float
+
+
+@dataclass
+class SparsityReport:
+    """What a `sparsify` call did: per-site results, timings and the config used."""
+
+    config: dict[str, Any]
+    sites: list[SiteReport] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    alpha: float | None = None
+    alpha_search: dict[str, float] = field(default_factory=dict)
+    sequential: bool = False
+    capture_method: str = ""
+
+    @property
+    def total_params(self) -> int:
+        """Weights in pruned sites."""
+        return sum(s.params for s in self.sites)
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Fraction of zeros over all pruned sites."""
+        total = self.total_params
+        return sum(s.sparsity * s.params for s in self.sites) / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict."""
+        out = asdict(self)
+        out["overall_sparsity"] = self.overall_sparsity
+        return out
+
+    def to_json(self, **kw: Any) -> str:
+        """JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(), **kw)
+
+    def to_markdown(self) -> str:
+        """A markdown table, one row per site."""
+        lines = ["| site | pattern | sparsity | rel. error | seconds |", "|---|---|---|---|---|"]
+        for s in self.sites:
+            lines.append(f"| {s.name} | {s.pattern} | {s.sparsity:.3f} | {s.rel_error:.4f} | {s.seconds:.2f} |")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        t = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
+        extra = f", alpha={self.alpha}" if self.alpha is not None else ""
+        return (f"SparsityReport({len(self.sites)} sites, {self.total_params:,} weights, "
+                f"sparsity {self.overall_sparsity:.3f}{extra}; {t})")

@@ -1,0 +1,113 @@
+"""Per-site calibration statistics (pure tensor functions plus a small accumulator).
+
+* :func:`input_rows` turns a site's input activation into the 2-D rows ``X`` the weight multiplies:
+  tokens for linear layers, unfolded patches (``in_channels·kh·kw`` columns, with the conv's own
+  padding/stride/dilation) for convolutions.
+* :class:`LayerStats` accumulates ``H = XᵀX`` in fp64 (exact sums, no activation kept), the number
+  of rows, and optionally a Fisher matrix ``F``.
+* Fisher forms in the shared ``d_in × d_in`` shape every pruner takes:
+  token-level ``F = Xᵀ diag(‖δ_t‖²) X`` (:func:`token_fisher`) and sample-level
+  ``F = Σ_k G_kᵀ G_k`` with ``G_k = Δ_kᵀ X_k`` (:func:`sample_fisher`), where ``δ_t`` is the
+  gradient of the loss w.r.t. the site's output at row ``t`` and ``Δ_k`` stacks those of sample ``k``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+ACC_DTYPE = torch.float64
+
+
+def input_rows(x: torch.Tensor, kind: str, conv: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """Rows of the matrix the weight multiplies: ``(rows, d_in)``.
+
+    ``kind`` is ``linear`` (last dim is d_in), ``conv2d`` or ``conv1d`` (``conv`` holds
+    ``kernel_size``, ``stride``, ``padding``, ``dilation``).
+    """
+    if kind in ("linear", "matmul"):
+        return x.reshape(-1, x.shape[-1])
+    if kind in ("conv2d", "conv1d"):
+        assert conv is not None
+        if kind == "conv1d":
+            x = x.unsqueeze(-2)
+        cols = F.unfold(x, conv["kernel_size"], dilation=conv["dilation"], padding=conv["padding"], stride=conv["stride"])
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    raise ValueError(f"unknown site kind {kind!r}")
+
+
+def rows_per_sample(x: torch.Tensor, rows: torch.Tensor) -> int:
+    """How many rows of :func:`input_rows` belong to each leading-dim sample of ``x``."""
+    return rows.shape[0] // max(1, x.shape[0])
+
+
+def output_rows(grad: torch.Tensor, kind: str) -> torch.Tensor:
+    """Output gradients ``δ`` as rows aligned with :func:`input_rows`: ``(rows, d_out)``."""
+    if kind in ("linear", "matmul"):
+        return grad.reshape(-1, grad.shape[-1])
+    if kind == "conv2d":  # (B, C, H, W) -> (B·H·W, C), same order as unfold's L axis
+        return grad.flatten(2).transpose(1, 2).reshape(-1, grad.shape[1])
+    if kind == "conv1d":
+        return grad.transpose(1, 2).reshape(-1, grad.shape[1])
+    raise ValueError(f"unknown site kind {kind!r}")
+
+
+def accumulate_hessian(h: torch.Tensor | None, rows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``h + Xᵀ diag(weights) X`` in fp64 (``weights`` None means all ones)."""
+    x = rows.to(ACC_DTYPE)
+    xw = x if weights is None else x * weights.to(ACC_DTYPE).unsqueeze(1)
+    update = xw.T @ x
+    return update if h is None else h.add_(update)
+
+
+def token_fisher(rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    """``Xᵀ diag(‖δ_t‖²) X`` for one batch."""
+    return accumulate_hessian(None, rows, grad_rows.to(ACC_DTYPE).square().sum(dim=1))
+
+
+def sample_fisher(rows: torch.Tensor, grad_rows: torch.Tensor, samples: int) -> torch.Tensor:
+    """``Σ_k G_kᵀ G_k`` with ``G_k = Δ_kᵀ X_k`` for one batch of ``samples`` equal-length samples."""
+    x = rows.to(ACC_DTYPE).reshape(samples, -1, rows.shape[1])
+    d = grad_rows.to(ACC_DTYPE).reshape(samples, -1, grad_rows.shape[1])
+    g = d.transpose(1, 2) @ x  # (samples, d_out, d_in): per-sample weight gradients
+    return torch.einsum("koi,koj->ij", g, g)
+
+
+@dataclass
+class LayerStats:
+    """Accumulated statistics of one input group (sites reading the same tensor share it)."""
+
+    hessian: torch.Tensor | None = None
+    rows: int = 0
+    batches: int = 0
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # per site name
+
+    def add_rows(self, rows: torch.Tensor) -> None:
+        """Accumulate ``XᵀX`` of one batch's rows; check they are finite."""
+        if not torch.isfinite(rows).all():
+            from .errors import CalibrationError
+
+            raise CalibrationError(
+                "non-finite activations reached a prunable layer during calibration; check the "
+                "calibration inputs (token ids in range, images normalised) and the model's dtype."
+            )
+        self.hessian = accumulate_hessian(self.hessian, rows)
+        self.rows += rows.shape[0]
+        self.batches += 1
+
+    def add_fisher(self, site: str, update: torch.Tensor) -> None:
+        """Accumulate a Fisher term for ``site``."""
+        if site in self.fisher:
+            self.fisher[site].add_(update)
+        else:
+            self.fisher[site] = update
+
+    def mean_hessian(self) -> torch.Tensor:
+        """``XᵀX / rows`` in fp32 (the scale every pruner expects; scale-free otherwise)."""
+        if self.hessian is None:
+            from .errors import CalibrationError
+
+            raise CalibrationError("no calibration rows reached this layer; is it used by the forward pass?")
+        return (self.hessian / max(1, self.rows)).to(torch.float32)

@@ -1,0 +1,199 @@
+"""Calibration pass: stream batches through the graph and accumulate per-site statistics.
+
+* :func:`collect_hessians` — ``H = XᵀX`` per input group (q/k/v and gate/up share one), the
+  token-level Fisher ``Xᵀdiag(‖δ_t‖²)X`` when row weights are given; no activation is kept beyond
+  the batch in flight; the run stops after the last prunable node (an LM's logits are never made).
+* :func:`collect_gradients` — one backward pass per batch of the model's loss, recorded at every
+  site's output: token-level row weights ``‖δ_t‖²`` (tiny: one float per row) and/or the
+  sample-level Fisher ``Σ_k G_kᵀG_k``. Weight gradients are never formed (``autograd.grad`` on
+  the site outputs only).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from moonshot_fx.errors import CalibrationError
+from moonshot_fx.stats import LayerStats, input_rows, output_rows, sample_fisher, token_fisher
+
+from .capture import CapturedGraph
+from .discover import Site
+from .runner import GraphRunner
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[Any, tuple[Any, ...], dict[str, Any]], torch.Tensor]
+
+
+def accumulating_nodes(sites: Sequence[Site]) -> dict[str, str]:
+    """node name → group for the nodes whose input is accumulated (one node per shared input)."""
+    out: dict[str, str] = {}
+    seen: set[str] = set()
+    for s in sites:
+        for node, inp in zip(s.nodes, s.inputs):
+            if len(s.nodes) > 1:
+                out[node] = s.group
+            elif s.group not in seen:
+                out[node] = s.group
+                seen.add(s.group)
+    return out
+
+
+def group_sites(sites: Sequence[Site]) -> dict[str, list[Site]]:
+    """group → its sites, in graph order."""
+    groups: dict[str, list[Site]] = {}
+    for s in sites:
+        groups.setdefault(s.group, []).append(s)
+    return groups
+
+
+class StatsCollector:
+    """The ``on_site`` hook that accumulates statistics into ``stats`` (group → LayerStats)."""
+
+    def __init__(self, sites: Sequence[Site], row_weights: dict[str, list[torch.Tensor]] | None = None):
+        self.sites = list(sites)
+        self.accumulate_at = accumulating_nodes(self.sites)
+        self.groups = group_sites(self.sites)
+        self.stats: dict[str, LayerStats] = {}
+        self.row_weights = row_weights or {}
+        self.batch_offset = 0  # index of the first batch of the current run in row_weights
+        self.cursor: dict[tuple[str, int], int] = {}  # (site, batch) -> rows consumed so far
+
+    def __call__(self, node: fx.Node, site: Site, xs: list[torch.Tensor]) -> None:
+        group = self.accumulate_at.get(node.name)
+        if group is None:
+            return
+        st = self.stats.setdefault(group, LayerStats())
+        for b, x in enumerate(xs):
+            rows = input_rows(x.detach(), site.kind, site.conv)
+            st.add_rows(rows)
+            for s in self.groups[group]:
+                weights = self.row_weights.get(s.name)
+                if weights is not None:
+                    key = (s.name, self.batch_offset + b)
+                    start = self.cursor.get(key, 0)
+                    w = weights[self.batch_offset + b][start : start + rows.shape[0]]
+                    self.cursor[key] = start + rows.shape[0]
+                    st.add_fisher(s.name, token_fisher(rows, w.unsqueeze(1)))
+
+
+def collect_hessians(
+    captured: CapturedGraph,
+    sites: Sequence[Site],
+    flat_batches: Iterable[list[Any]],
+    *,
+    row_weights: dict[str, list[torch.Tensor]] | None = None,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda x: x,
+) -> dict[str, LayerStats]:
+    """Accumulate statistics of every group over ``flat_batches`` (one batch in flight)."""
+    runner = GraphRunner(captured, sites)
+    collector = StatsCollector(sites, row_weights)
+    stop = runner.last_site_node()
+    with torch.no_grad():
+        for i, flat in enumerate(progress(flat_batches)):
+            collector.batch_offset = i
+            runner.run([flat], on_site=collector, stop_after=stop)
+    missing = {s.group for s in sites} - set(collector.stats)
+    if missing:
+        raise CalibrationError(f"no calibration data reached the inputs {sorted(missing)[:4]}; are they used by forward?")
+    return collector.stats
+
+
+def default_loss(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """Per-sample losses ``(B,)``: LM next-token cross-entropy (mean over a sample's tokens) when
+    the output has logits over a sequence and ``input_ids`` are given; otherwise classifier
+    cross-entropy on the dense model's own predictions (no labels needed), or on ``labels``
+    when the batch carries them."""
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        logits = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(logits, torch.Tensor):
+        raise CalibrationError("cannot find logits in the model output; pass loss_fn=(output, args, kwargs) -> (B,) losses.")
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point() else None)
+    if logits.dim() == 3 and ids is not None:
+        labels = kwargs.get("labels", ids)
+        lp = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], reduction="none")
+        return lp.mean(dim=1)
+    if logits.dim() == 2:
+        labels = kwargs.get("labels")
+        if labels is None:
+            labels = logits.detach().argmax(dim=-1)
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+    raise CalibrationError(
+        f"no default loss for an output of shape {tuple(logits.shape)}; pass loss_fn=(output, args, kwargs) -> (B,) losses."
+    )
+
+
+def collect_gradients(
+    captured: CapturedGraph,
+    sites: Sequence[Site],
+    batches: Sequence[tuple[tuple[Any, ...], dict[str, Any]]],
+    *,
+    kind: str = "token",
+    loss_fn: LossFn | None = None,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda x: x,
+) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor], float]:
+    """Backward passes of the loss; returns ``(row_weights, sample_fisher, mean_loss)``.
+
+    ``row_weights[site][b]`` are ``‖δ_t‖²`` for the rows of batch ``b`` (token kind);
+    ``sample_fisher[site]`` is ``Σ_k G_kᵀG_k`` over all samples (sample kind, fp32).
+    """
+    loss_fn = loss_fn or default_loss
+    runner = GraphRunner(captured, sites)
+    params = [p for p in captured.gm.parameters()]
+    flags = [p.requires_grad for p in params]
+    row_weights: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    fishers: dict[str, torch.Tensor] = {}
+    total, count = 0.0, 0
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for args, kwargs in progress(batches):
+            inputs: dict[str, list[torch.Tensor]] = {}
+            outputs: dict[str, list[torch.Tensor]] = {}
+            node_site: dict[str, Site] = {}
+
+            def on_site(node: fx.Node, site: Site, xs: list[torch.Tensor]) -> None:
+                inputs[node.name] = [x.detach() for x in xs]
+                node_site[node.name] = site
+
+            def on_output(node: fx.Node, outs: list[Any]) -> None:
+                outputs[node.name] = outs
+
+            with torch.enable_grad():
+                flat = runner.run([captured.flat_inputs(args, kwargs)], on_site=on_site, on_output=on_output)
+                assert flat is not None
+                losses = loss_fn(captured.unflatten(flat[0]), args, kwargs)
+                if losses.dim() != 1:
+                    raise CalibrationError("loss_fn must return per-sample losses of shape (batch,)")
+                names = list(outputs)
+                grads = torch.autograd.grad(losses.sum(), [outputs[n][0] for n in names], allow_unused=True)
+            total += float(losses.detach().sum())
+            count += losses.shape[0]
+            samples = losses.shape[0]
+            per_site: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            for name, g in zip(names, grads):
+                site = node_site[name]
+                x = inputs[name][0]
+                grad = torch.zeros_like(outputs[name][0]) if g is None else g.detach()
+                per_site.setdefault(site.name, []).append(
+                    (input_rows(x, site.kind, site.conv), output_rows(grad, site.kind)))
+            for site in sites:
+                pairs = per_site.get(site.name, [])
+                if kind == "token":  # uses in graph order, concatenated
+                    row_weights[site.name].append(torch.cat([d.to(torch.float32).square().sum(dim=1) for _, d in pairs]))
+                else:
+                    for rows, d in pairs:
+                        upd = sample_fisher(rows, d, samples).to(torch.float32)
+                        fishers[site.name] = fishers[site.name].add_(upd) if site.name in fishers else upd
+            del inputs, outputs, grads
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    if not all(torch.isfinite(f).all() for f in fishers.values()):
+        raise CalibrationError("non-finite gradients during the Fisher pass; check the loss and inputs.")
+    return row_weights, fishers, total / max(1, count)

@@ -1,0 +1,101 @@
+"""Prune pass: turn a group's statistics into new weights (graph-free; calls the pure pruners).
+
+Weights are read from ``weights`` (substitutes from earlier groups) or the parameter itself and
+never written here: :mod:`moonshot_fx.passes.apply` writes all results at the end, so a failure
+leaves the user's model untouched.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from moonshot_fx.config import SparsifyConfig
+from moonshot_fx.linalg import inverse_cholesky_upper, prepare_hessian
+from moonshot_fx.pruners import prune_layer, quadratic_error
+from moonshot_fx.stats import LayerStats
+
+from .discover import Site
+
+
+@dataclass
+class SiteResult:
+    """What pruning one site produced."""
+
+    name: str
+    weight: torch.Tensor  # new value, shaped like the parameter
+    pattern: str
+    sparsity: float  # achieved fraction of zeros
+    rel_error: float  # ‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖² on the calibration statistics
+    seconds: float
+
+
+def parameter(model: nn.Module, name: str) -> torch.Tensor:
+    """The parameter called ``name`` in ``model``."""
+    return model.get_parameter(name)
+
+
+def to_matrix(site: Site, w: torch.Tensor) -> torch.Tensor:
+    """Parameter value → the ``(out, in·k)`` matrix the pruners see."""
+    return w.T if site.transposed else w.reshape(w.shape[0], -1)
+
+
+def from_matrix(site: Site, m: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_matrix`."""
+    return m.T.contiguous() if site.transposed else m.reshape(site.shape)
+
+
+def prune_group(
+    sites: list[Site],
+    stats: LayerStats,
+    model: nn.Module,
+    config: SparsifyConfig,
+    *,
+    weights: dict[str, torch.Tensor] | None = None,
+    sample_fishers: dict[str, torch.Tensor] | None = None,
+    alpha: float | None = None,
+) -> list[SiteResult]:
+    """Prune every site of one input group against the group's shared Hessian."""
+    weights = weights or {}
+    H = stats.mean_hessian() if config.method != "magnitude" else None
+    shared_u = None
+    if config.method == "sparsegpt" and H is not None and len(sites) > 1:
+        prepared, _ = prepare_hessian(H)
+        shared_u = inverse_cholesky_upper(prepared, config.dampening)
+    results = []
+    for site in sites:
+        t0 = time.perf_counter()
+        param = weights.get(site.name, parameter(model, site.name)).detach()
+        device = torch.device(config.device) if config.device else param.device
+        W = to_matrix(site, param).to(device=device, dtype=torch.float32)
+        pattern = config.pattern_for(site.name)
+        options: dict[str, Any] = {"dampening": config.dampening, "blocksize": config.blocksize}
+        if shared_u is not None:
+            options["hinv_upper"] = shared_u
+        if config.method == "moonshot":
+            fisher = None
+            if config.fisher == "token" and site.name in stats.fisher:
+                fisher = (stats.fisher[site.name] / max(1, stats.rows)).to(torch.float32)
+            elif sample_fishers is not None and site.name in sample_fishers:
+                fisher = sample_fishers[site.name].to(torch.float32)
+            options.update(fisher=fisher, alpha=config.alpha if alpha is None else alpha, base=config.base)
+            if config.base == "optima":
+                options["mask_from"] = config.mask_from
+        elif config.method == "optima":
+            options["mask_from"] = config.mask_from
+        Hd = H.to(device) if H is not None else None
+        new, _ = prune_layer(W, Hd, pattern, method=config.method, **options)
+        if Hd is not None:
+            base = quadratic_error(W, torch.zeros_like(W), Hd)
+            rel = quadratic_error(W, new, Hd) / base if base > 0 else 0.0
+        else:
+            rel = float("nan")
+        value = from_matrix(site, new.to(param.dtype)).to(param.device)
+        results.append(SiteResult(
+            name=site.name, weight=value, pattern=str(pattern), sparsity=float((new == 0).float().mean()),
+            rel_error=rel, seconds=time.perf_counter() - t0,
+        ))
+    return results

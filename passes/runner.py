@@ -1,0 +1,131 @@
+"""Lockstep execution of a captured graph over several batches, node by node.
+
+:class:`GraphRunner` walks the graph once in topological order and evaluates each node for every
+batch in the set before moving on, keeping a value only until its last user has run. Two hooks
+make the passes:
+
+* ``on_site(node, site, inputs)`` runs just before a prunable site's node executes, with that
+  node's input activation for every batch (the calibration pass accumulates ``XᵀX`` there; the
+  sequential pass also prunes there, so later nodes see the pruned weights);
+* weights are read through ``weights`` (name → tensor) before the module's own parameters, so
+  pruned values take effect inside the run without touching the user's model.
+
+Nodes with no placeholder ancestor (parameters and what is computed from them only, such as a
+transposed weight) are evaluated at use time, so a substituted weight is always the one used.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .capture import CapturedGraph
+from .discover import Site
+
+SiteHook = Callable[[fx.Node, Site, list[torch.Tensor]], None]
+
+
+class GraphRunner:
+    """Evaluate ``captured.gm`` on a list of batches at once (see module docstring)."""
+
+    def __init__(self, captured: CapturedGraph, sites: Sequence[Site], weights: dict[str, torch.Tensor] | None = None):
+        self.captured = captured
+        self.gm = captured.gm
+        self.sites = list(sites)
+        self.weights = weights if weights is not None else {}
+        nodes = list(self.gm.graph.nodes)
+        by_name = {n.name: n for n in nodes}
+        self.site_of_node = {by_name[name]: s for s in self.sites for name in s.nodes}
+        self._get_attr_names = self._attr_aliases()
+        self.order = {n: i for i, n in enumerate(nodes)}
+        self.batch_dependent: set[fx.Node] = set()
+        for n in nodes:
+            if n.op == "placeholder" or any(a in self.batch_dependent for a in n.all_input_nodes):
+                self.batch_dependent.add(n)
+        self.last_use: dict[fx.Node, int] = {}
+        for n in nodes:
+            for a in n.all_input_nodes:
+                self.last_use[a] = max(self.last_use.get(a, -1), self.order[n])
+
+    def _attr_aliases(self) -> dict[str, str]:
+        """get_attr target → canonical parameter name for substituted weights."""
+        names = {}
+        params = dict(self.gm.named_parameters(remove_duplicate=False))
+        for s in self.sites:
+            for alias in s.aliases:
+                if alias in params:
+                    names[alias] = s.name
+        return names
+
+    def fetch_attr(self, target: str) -> Any:
+        """A parameter/buffer, with pruned substitutes taking precedence."""
+        canonical = self._get_attr_names.get(target)
+        if canonical is not None and canonical in self.weights:
+            return self.weights[canonical]
+        value: Any = self.gm
+        for part in target.split("."):
+            value = getattr(value, part)
+        return value
+
+    def _const(self, node: fx.Node) -> Any:
+        if node.op == "get_attr":
+            return self.fetch_attr(str(node.target))
+        args = fx.node.map_arg(node.args, self._const)
+        kwargs = fx.node.map_arg(node.kwargs, self._const)
+        return self._call(node, args, kwargs)
+
+    def _call(self, node: fx.Node, args: Any, kwargs: Any) -> Any:
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return self.gm.get_submodule(str(node.target))(*args, **kwargs)
+        raise RuntimeError(f"cannot evaluate node {node.format_node()}")
+
+    def run(
+        self,
+        flat_batches: list[list[Any]],
+        on_site: SiteHook | None = None,
+        stop_after: fx.Node | None = None,
+        on_output: Callable[[fx.Node, list[Any]], None] | None = None,
+    ) -> list[Any] | None:
+        """Run every batch; returns per-batch flat outputs (None when stopped early)."""
+        env: dict[fx.Node, list[Any]] = {}
+        nb = len(flat_batches)
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        for i, n in enumerate(placeholders):
+            env[n] = [fb[i] if i < len(fb) else None for fb in flat_batches]
+
+        def value(b: int) -> Callable[[fx.Node], Any]:
+            return lambda a: env[a][b] if a in self.batch_dependent else self._const(a)
+
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder" or node not in self.batch_dependent:
+                continue
+            if node.op == "output":
+                return [fx.node.map_arg(node.args[0], value(b)) for b in range(nb)]
+            site = self.site_of_node.get(node)
+            if site is not None and on_site is not None:
+                x_node = next(a for a in node.all_input_nodes if a.name == site.inputs[site.nodes.index(node.name)])
+                on_site(node, site, [value(b)(x_node) for b in range(nb)])
+            outs = []
+            for b in range(nb):
+                getter = value(b)
+                outs.append(self._call(node, fx.node.map_arg(node.args, getter), fx.node.map_arg(node.kwargs, getter)))
+            env[node] = outs
+            if on_output is not None and site is not None:
+                on_output(node, outs)
+            i = self.order[node]
+            for a in node.all_input_nodes:
+                if self.last_use.get(a) == i and a in env and a.op != "placeholder":
+                    del env[a]
+            if stop_after is not None and node is stop_after:
+                return None
+        return None
+
+    def last_site_node(self) -> fx.Node | None:
+        """The last node (in graph order) that uses one of the runner's sites."""
+        nodes = [n for n in self.gm.graph.nodes if n in self.site_of_node]
+        return nodes[-1] if nodes else None
