@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from moonshot_fx.errors import CalibrationError
-from moonshot_fx.stats import LayerStats, input_rows, output_rows, sample_fisher, token_fisher
+from moonshot_fx.stats import LayerStats, accumulate_hessian, input_rows, output_rows, sample_fisher
 
 from .capture import CapturedGraph
 from .discover import Site
@@ -78,7 +78,7 @@ class StatsCollector:
                     start = self.cursor.get(key, 0)
                     w = weights[self.batch_offset + b][start : start + rows.shape[0]]
                     self.cursor[key] = start + rows.shape[0]
-                    st.add_fisher(s.name, token_fisher(rows, w.unsqueeze(1)))
+                    st.add_fisher(s.name, accumulate_hessian(None, rows, w))
 
 
 def collect_hessians(

@@ -1,0 +1,132 @@
+"""Calibration statistics against explicit computations."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moonshot_fx.config import SparsifyConfig
+from moonshot_fx.passes.calibrate import collect_gradients, collect_hessians
+from moonshot_fx.passes.capture import capture, normalize_batch
+from moonshot_fx.passes.discover import find_sites
+from moonshot_fx.pruners import quadratic_error
+from moonshot_fx.stats import input_rows
+
+
+class TinySeq(nn.Module):
+    """Token model: x (B, T, 8) → Linear → tanh → Linear → logits (B, T, 5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class TinyConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, dilation=1)
+        self.c3 = nn.Conv1d(8, 4, 3, padding=2) if False else None
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.c2(F.relu(self.c1(x)))
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def _setup(model, batch):
+    args, kwargs = normalize_batch(batch, model)
+    cap = capture(model, args, kwargs)
+    return cap, find_sites(cap.gm, model)
+
+
+def test_k_batches_equal_one_concatenated_batch():
+    torch.manual_seed(0)
+    model = TinySeq().eval()
+    batches = [torch.randn(2, 5, 8) for _ in range(3)]
+    cap, sites = _setup(model, batches[0])
+    stats_k = collect_hessians(cap, sites, [cap.flat_inputs((b,), {}) for b in batches])
+    cat = torch.cat(batches)
+    stats_1 = collect_hessians(cap, sites, [cap.flat_inputs((cat,), {})])
+    for g in stats_k:
+        assert stats_k[g].rows == stats_1[g].rows == 30
+        assert torch.allclose(stats_k[g].hessian, stats_1[g].hessian, rtol=1e-10, atol=1e-10)
+    # and H really is XᵀX of the layer input
+    x = cat.reshape(-1, 8).double()
+    site_a = next(s for s in sites if s.name == "a.weight")
+    assert torch.allclose(stats_1[site_a.group].hessian, x.T @ x, rtol=1e-10)
+
+
+def test_conv_hessian_gives_exact_output_error():
+    """tr(ΔHΔᵀ) with H from unfolded patches equals ‖conv(x,W) − conv(x,Ŵ)‖² (padding, stride)."""
+    torch.manual_seed(0)
+    model = TinyConv().eval()
+    x = torch.randn(4, 3, 9, 9)
+    cap, sites = _setup(model, x)
+    stats = collect_hessians(cap, sites, [cap.flat_inputs((x,), {})])
+    c2 = next(s for s in sites if s.name == "c2.weight")
+    H = stats[c2.group].hessian
+    h_in = F.relu(model.c1(x))
+    W = model.c2.weight.detach()
+    Wp = W * (torch.rand_like(W) > 0.5)
+    direct = (F.conv2d(h_in, W - Wp, stride=2, padding=1)).double().square().sum()
+    via_h = quadratic_error(W.reshape(8, -1), Wp.reshape(8, -1), H)
+    assert abs(direct.item() - via_h) / direct.item() < 1e-6
+
+
+def _per_sample_grads(model, xs, targets, weight):
+    grads = []
+    for k in range(xs.shape[0]):
+        out = model(xs[k:k + 1])
+        loss = F.cross_entropy(out[0], targets[k])  # mean over the sample's tokens
+        (g,) = torch.autograd.grad(loss, [weight])
+        grads.append(g.detach().double())
+    return grads
+
+
+def _loss(out, args, kwargs, targets):
+    return F.cross_entropy(out.transpose(1, 2), targets, reduction="none").mean(dim=1)
+
+
+def test_fisher_statistics_equal_explicit_per_sample_gradients():
+    torch.manual_seed(0)
+    model = TinySeq().eval()
+    xs = torch.randn(6, 7, 8)
+    targets = torch.randint(0, 5, (6, 7))
+    cap, sites = _setup(model, xs[:3])
+    batches = [((xs[:3],), {}), ((xs[3:],), {})]
+    tgt = {0: targets[:3], 1: targets[3:]}
+    calls = iter([0, 1])
+    fn = lambda out, a, k: _loss(out, a, k, tgt[next(calls)])
+    _, sample_f, _ = collect_gradients(cap, sites, batches, kind="sample", loss_fn=fn)
+    # explicit: F = Σ_k G_kᵀ G_k with G_k = ∂L_k/∂W
+    for name, weight in (("a.weight", model.a.weight), ("b.weight", model.b.weight)):
+        gk = _per_sample_grads(model, xs, targets, weight)
+        explicit = sum(g.T @ g for g in gk)
+        assert torch.allclose(sample_f[name].double(), explicit, rtol=1e-4, atol=1e-7), name
+
+    # token-level: F = Σ_t ‖δ_t‖² x_t x_tᵀ with δ_t = ∂(Σ_k L_k)/∂out_t
+    calls = iter([0, 1])
+    row_w, _, _ = collect_gradients(cap, sites, batches, kind="token", loss_fn=fn)
+    stats = collect_hessians(cap, sites, [cap.flat_inputs(*b) for b in batches], row_weights=row_w)
+    x_in = xs.clone()
+    hidden = model.a(x_in)
+    hidden.retain_grad()
+    out = model.head(torch.tanh(model.b(torch.tanh(hidden))))
+    _loss(out, None, None, targets).sum().backward()
+    delta = hidden.grad.reshape(-1, 16).double()
+    rows = xs.reshape(-1, 8).double()
+    explicit = (rows * delta.square().sum(1, keepdim=True)).T @ rows
+    site_a = next(s for s in sites if s.name == "a.weight")
+    assert torch.allclose(stats[site_a.group].fisher["a.weight"], explicit, rtol=1e-5, atol=1e-8)
+
+
+def test_input_rows_linear_and_conv_shapes():
+    x = torch.randn(2, 3, 5)
+    assert input_rows(x, "linear").shape == (6, 5)
+    conv = {"kernel_size": (3, 3), "stride": (1, 1), "padding": (1, 1), "dilation": (1, 1)}
+    assert input_rows(torch.randn(2, 4, 6, 6), "conv2d", conv).shape == (72, 36)
