@@ -28,7 +28,9 @@ LINEAR_TARGETS = {aten.linear.default, F.linear, torch._C._nn.linear}
 MM_TARGETS = {aten.mm.default, aten.matmul.default, torch.matmul, torch.mm}
 ADDMM_TARGETS = {aten.addmm.default, torch.addmm}
 CONV_TARGETS = {aten.conv2d.default: "conv2d", aten.conv1d.default: "conv1d", F.conv2d: "conv2d",
-                F.conv1d: "conv1d", aten.convolution.default: "conv"}
+                F.conv1d: "conv1d", aten.convolution.default: "conv",
+                # padding="same"/"valid" convs are exported as these overloads
+                aten.conv2d.padding: "conv2d", aten.conv1d.padding: "conv1d"}
 TRANSPOSE_TARGETS = {aten.t.default, aten.numpy_T.default, torch.t}
 
 
@@ -121,9 +123,11 @@ def _conv_attrs(kind: str, node: fx.Node, weight: torch.Tensor) -> tuple[str, di
         return kind, None, f"{weight.dim() - 2}-d convolution is not supported"
     if groups not in (None, 1):
         return kind, None, f"grouped convolution (groups={groups}) is not supported: its inputs differ per group"
-    if isinstance(padding, str):
-        return kind, None, f"padding={padding!r} is not supported; use explicit integer padding"
     nd = 1 if kind == "conv1d" else 2
+    if isinstance(padding, str):
+        padding = _string_padding(padding, tuple(weight.shape[2:]), dilation or 1)
+        if padding is None:
+            return kind, None, "padding='same' with an even kernel (asymmetric padding) is not supported"
 
     def pair(v: Any) -> tuple[int, ...]:
         v = [v] if isinstance(v, int) else list(v)
@@ -136,6 +140,18 @@ def _conv_attrs(kind: str, node: fx.Node, weight: torch.Tensor) -> tuple[str, di
     if nd == 1:
         attrs["padding"] = (0, attrs["padding"][1])
     return kind, attrs, ""
+
+
+def _string_padding(padding: str, kernel: tuple[int, ...], dilation: Any) -> tuple[int, ...] | None:
+    """Integer padding equal to ``"valid"``/``"same"`` (stride 1), or None when "same" is asymmetric."""
+    if padding == "valid":
+        return (0,) * len(kernel)
+    dil = [dilation] if isinstance(dilation, int) else list(dilation)
+    dil = dil * len(kernel) if len(dil) == 1 else dil
+    total = [int(d) * (k - 1) for d, k in zip(dil, kernel)]
+    if padding != "same" or any(t % 2 for t in total):
+        return None
+    return tuple(t // 2 for t in total)
 
 
 def find_sites(gm: fx.GraphModule, model: nn.Module) -> list[Site]:
@@ -174,10 +190,13 @@ def find_sites(gm: fx.GraphModule, model: nn.Module) -> list[Site]:
                 kind = "conv1d" if isinstance(mod, nn.Conv1d) else "conv2d"
                 if mod.groups != 1:
                     skip = f"grouped convolution (groups={mod.groups}) is not supported"
-                elif isinstance(mod.padding, str):
-                    skip = f"padding={mod.padding!r} is not supported"
+                elif isinstance(mod.padding, str) and _string_padding(mod.padding, mod.kernel_size, mod.dilation) is None:
+                    skip = "padding='same' with an even kernel (asymmetric padding) is not supported"
                 else:
-                    pad = (0, mod.padding[0]) if kind == "conv1d" else tuple(mod.padding)
+                    padding = (_string_padding(mod.padding, mod.kernel_size, mod.dilation)
+                               if isinstance(mod.padding, str) else mod.padding)
+                    assert padding is not None
+                    pad = (0, padding[0]) if kind == "conv1d" else tuple(padding)
                     one = (lambda t: (1, t[0])) if kind == "conv1d" else tuple
                     conv = {"kernel_size": one(mod.kernel_size), "stride": one(mod.stride),
                             "padding": pad, "dilation": one(mod.dilation)}
