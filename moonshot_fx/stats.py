@@ -110,4 +110,12 @@ class LayerStats:
             from .errors import CalibrationError
 
             raise CalibrationError("no calibration rows reached this layer; is it used by the forward pass?")
-        return (self.hessian / max(1, self.rows)).to(torch.float32)
+        mean = (self.hessian / max(1, self.rows)).to(torch.float32)
+        if not torch.isfinite(mean).all():
+            from .errors import CalibrationError
+
+            raise CalibrationError(
+                "calibration statistics overflow float32 (activations too large for XᵀX); check the "
+                "calibration inputs and the model's scale."
+            )
+        return mean
