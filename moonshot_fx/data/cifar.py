@@ -142,7 +142,8 @@ def load_cifar(
     Args:
         split: ``"test"`` (10,000 test images) or ``"calib"`` (1,000 training images, 100 per
             class, for calibration).
-        n: keep only the first ``n`` images.
+        n: keep ``n`` images: the first ``n`` of a fixed (seed 0) permutation, so every class is
+            represented (the files are sorted by class; a plain prefix would be one class).
 
     Images are scaled to [0, 1] and normalized with mean (0.485, 0.456, 0.406) and std
     (0.229, 0.224, 0.225), as the pretrained checkpoints expect.
@@ -152,8 +153,9 @@ def load_cifar(
     with np.load(data_file(f"vision/cifar10/{split}.npz")) as d:
         images = d["images"]
         labels = d["labels"]
-    if n is not None:
-        images, labels = images[:n], labels[:n]
+    if n is not None and n < len(labels):
+        order = np.random.default_rng(0).permutation(len(labels))[:n]
+        images, labels = images[order], labels[order]
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
