@@ -177,6 +177,9 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
     row_weights = sample_fishers = None
     alpha: float | None = None
     if cfg.method == "moonshot" and (cfg.alpha == "auto" or float(cfg.alpha) < 1.0):
+        if cfg.fisher == "auto":
+            cfg = cfg.replace(fisher="sample" if any(s.kind.startswith("conv") for s in sites) else "token")
+            report.config["fisher"] = cfg.fisher
         t = time.perf_counter()
         row_weights, sample_fishers, _ = collect_gradients(
             captured, sites, norm, kind=cfg.fisher, loss_fn=loss_fn,

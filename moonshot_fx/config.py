@@ -86,7 +86,7 @@ def parse_pattern(value: PatternLike) -> Pattern:
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "optima", "moonshot")
 BASES = ("magnitude", "wanda", "sparsegpt", "optima")
-FISHER_KINDS = ("token", "sample")
+FISHER_KINDS = ("auto", "token", "sample")
 
 #: Default exclusions: embeddings, LM heads and final classifiers are kept dense.
 DEFAULT_EXCLUDE = ("*embed*", "*lm_head*", "*wte*", "*wpe*", "*classifier*", "fc.weight", "head.weight", "linear.weight")
@@ -103,7 +103,8 @@ class SparsifyConfig:
         mask_from: mask selector used by ``optima`` before its exact re-solve.
         alpha: weight of the reconstruction term in MOONSHOT's objective, in [0, 1], or ``"auto"``.
         alpha_grid: candidate values tried by ``alpha="auto"``.
-        fisher: ``"token"`` (Xᵀdiag(‖δ_t‖²)X) or ``"sample"`` (Σ_k G_kᵀG_k) Fisher for MOONSHOT.
+        fisher: ``"token"`` (Xᵀdiag(‖δ_t‖²)X), ``"sample"`` (Σ_k G_kᵀG_k) Fisher for MOONSHOT, or
+            ``"auto"``: sample-level for convolutional models, token-level otherwise.
         include / exclude: glob rules on weight FQNs (``model.layers.*.mlp.*``); exclude wins.
         overrides: per-site patterns, ``{glob: pattern}``; the first matching glob applies.
         sequential: prune in graph order, each site calibrated on already-pruned inputs.
@@ -119,7 +120,7 @@ class SparsifyConfig:
     mask_from: str = "sparsegpt"
     alpha: Union[float, str] = 0.75
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    fisher: str = "token"
+    fisher: str = "auto"
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     overrides: Mapping[str, PatternLike] = field(default_factory=dict)
@@ -142,7 +143,7 @@ class SparsifyConfig:
         if self.mask_from not in ("magnitude", "wanda", "sparsegpt", "moonshot"):
             raise ConfigError(f"unknown OPTIMA mask_from {self.mask_from!r}.")
         if self.fisher not in FISHER_KINDS:
-            raise ConfigError(f"unknown fisher kind {self.fisher!r}: choose 'token' or 'sample'.")
+            raise ConfigError(f"unknown fisher kind {self.fisher!r}: choose 'auto', 'token' or 'sample'.")
         if isinstance(self.alpha, str):
             if self.alpha != "auto":
                 raise ConfigError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}")

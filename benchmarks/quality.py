@@ -1,0 +1,140 @@
+"""Quality benchmark: dense vs pruned quality, pruning wall time and peak RSS, side by side.
+
+    python benchmarks/quality.py --model smollm2 --patterns 2:4 0.5 \
+        --methods magnitude wanda sparsegpt moonshot-sparsegpt moonshot-wanda
+
+Writes ``benchmarks/results/quality_<model>.json`` (after every row, atomically) and re-renders
+``benchmarks/results/quality.md`` and the README table (see ``render.py``). Every method of one
+invocation runs in the same process on the same calibration data, so time ratios are fair.
+
+Settings (documented defaults):
+* smollm2 — SmolLM2-135M; calibration: ``--calib-windows`` (128) × 512 tokens of wikitext2_valid,
+  seed 0; evaluation: the first ``--eval-windows`` (32) non-overlapping 512-token windows of
+  wikitext2_raw_test.
+* stories260k — calibration: 64 × 256 tokens sampled from the dense model (seed 0); evaluation:
+  all 128-token windows of tinystories_sample.txt.
+* resnet20 / resnet56 — calibration: the 1,000 calib.npz images (labels unused); evaluation:
+  top-1 on all 10,000 test.npz images. The first conv is kept dense (3 input channels).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, parse_method, timed, write_json  # noqa: E402
+
+import moonshot_fx  # noqa: E402
+from moonshot_fx import data  # noqa: E402
+
+log = logging.getLogger("quality")
+
+
+def lm_setup(name: str, args: argparse.Namespace) -> tuple[Any, list[Any], Callable[[Any], float], dict[str, Any]]:
+    if name == "smollm2":
+        model, tok = data.load_smollm2(progress=False)
+        ids = data.tokenize(tok, data.load_text("wikitext2_valid"))
+        cal = data.calibration_windows(ids, args.calib_windows, args.seqlen, seed=0)
+        test = data.tokenize(tok, data.load_text("wikitext2_test"))
+        ev = data.eval_windows(test, args.seqlen, args.eval_windows)
+        settings = {"calibration": f"{args.calib_windows}x{args.seqlen} tokens wikitext2_valid seed 0",
+                    "evaluation": f"first {ev.shape[0]}x{args.seqlen} tokens wikitext2_raw_test", "metric": "perplexity"}
+    else:
+        model, tok = data.load_stories260k()
+        stories = [s.strip() for s in data.load_text("tinystories").split("<|endoftext|>") if s.strip()]
+        ids = torch.tensor([t for s in stories for t in tok.encode(s)])
+        ev = data.eval_windows(ids, 128)
+        torch.manual_seed(0)
+        cal = model.generate(torch.ones(64, 1, dtype=torch.long), do_sample=True, max_new_tokens=255,
+                             min_new_tokens=255, top_k=0)
+        settings = {"calibration": "64x256 tokens sampled from the dense model, seed 0",
+                    "evaluation": f"{ev.shape[0]}x128 tokens tinystories_sample", "metric": "perplexity"}
+    batches = [{"input_ids": cal[i:i + args.batch]} for i in range(0, cal.shape[0], args.batch)]
+    return model, batches, lambda m: data.perplexity(m, ev, batch_size=4), settings
+
+
+def cnn_setup(name: str, args: argparse.Namespace) -> tuple[Any, list[Any], Callable[[Any], float], dict[str, Any]]:
+    model = data.load_cifar_resnet(int(name.replace("resnet", "")))
+    cx, _ = data.load_cifar("calib", n=args.calib_images)
+    tx, ty = data.load_cifar("test", n=args.test_images)
+    batches = [cx[i:i + 100] for i in range(0, cx.shape[0], 100)]
+    settings = {"calibration": f"{cx.shape[0]} calib.npz images (labels unused)",
+                "evaluation": f"top-1 on {tx.shape[0]} test.npz images", "metric": "top1",
+                "exclude": ["conv1.weight"]}
+    return model, batches, lambda m: data.top1(m, tx, ty), settings
+
+
+def run(args: argparse.Namespace) -> Path:
+    setup = lm_setup if args.model in ("smollm2", "stories260k") else cnn_setup
+    model, batches, evaluate, settings = setup(args.model, args)
+    extra: dict[str, Any] = {"exclude": ("conv1.weight",)} if setup is cnn_setup else {}
+    if args.sequential is not None:
+        extra["sequential"] = args.sequential == "on"
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    out_path = RESULTS / f"{args.prefix}_{args.model}.json"
+    doc: dict[str, Any] = {"model": args.model, "settings": settings, "machine": machine(),
+                           "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
+    t = time.perf_counter()
+    dense_q = evaluate(model)
+    doc["dense"] = {"quality": dense_q, "eval_seconds": time.perf_counter() - t}
+    print(f"{args.model} dense {settings['metric']} {dense_q:.3f}", flush=True)
+    for pattern in args.patterns:
+        for label in args.methods:
+            spec = parse_method(label)
+            model.load_state_dict(dense)
+            kwargs = {**extra, **spec.kwargs()}
+            try:
+                _, wall, peak = timed(lambda: moonshot_fx.sparsify(
+                    model, calibration=batches, sparsity=pattern, method=spec.method, progress=args.progress, **kwargs))
+            except moonshot_fx.MoonshotError as exc:
+                print(f"{pattern} {label}: FAILED {exc}", flush=True)
+                doc["rows"].append({"pattern": pattern, "method": label, "error": str(exc)})
+                continue
+            report = model.moonshot_report
+            q = evaluate(model)
+            row = {"pattern": pattern, "method": label, "quality": q, "prune_seconds": wall,
+                   "peak_rss_mb": peak / 2**20, "timings": report.timings, "alpha": report.alpha,
+                   "alpha_search": report.alpha_search, "sequential": report.sequential,
+                   "sparsity": report.overall_sparsity, "sites": len(report.sites)}
+            doc["rows"].append(row)
+            print(f"{pattern:>5} {label:<24} {settings['metric']} {q:9.3f}  prune {wall:7.1f}s  "
+                  f"peak RSS {peak / 2**20:7.0f} MB  alpha {report.alpha}", flush=True)
+            write_json(out_path, doc)
+    model.load_state_dict(dense)
+    write_json(out_path, doc)
+    from render import render_all
+
+    render_all()
+    return out_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "stories260k", "resnet20", "resnet56"])
+    p.add_argument("--patterns", nargs="+", default=None)
+    p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "moonshot-sparsegpt",
+                                                     "moonshot-wanda"])
+    p.add_argument("--calib-windows", type=int, default=128)
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--calib-images", type=int, default=1000)
+    p.add_argument("--test-images", type=int, default=10000)
+    p.add_argument("--sequential", choices=["on", "off"], default=None)
+    p.add_argument("--prefix", default="quality")
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.patterns is None:
+        args.patterns = ["0.7", "0.9"] if args.model.startswith("resnet") else ["2:4", "0.5"]
+    logging.basicConfig(level=logging.WARNING)
+    print(run(args))
+
+
+if __name__ == "__main__":
+    main()

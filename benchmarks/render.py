@@ -1,0 +1,80 @@
+"""Render benchmarks/results/*.json into results markdown and the README's results table.
+
+    python benchmarks/render.py
+
+The README section between ``<!-- results:start -->`` and ``<!-- results:end -->`` is replaced;
+nothing else in the README is touched.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, write_text  # noqa: E402
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _base_of(label: str) -> str | None:
+    parts = label.split("-")
+    return parts[1] if parts[0] == "moonshot" and len(parts) > 1 else None
+
+
+def quality_table(doc: dict[str, Any]) -> str:
+    metric = doc["settings"]["metric"]
+    better_low = metric == "perplexity"
+    lines = [f"**{doc['model']}** — {doc['settings']['calibration']}; {doc['settings']['evaluation']}; "
+             f"dense {metric} **{doc['dense']['quality']:.2f}** ({doc['date']}, `{doc['command']}`)", "",
+             f"| pattern | method | {metric} | vs base pruner | prune time (s) | time ÷ SparseGPT | peak RSS (MB) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    rows = [r for r in doc["rows"] if "error" not in r]
+    for r in doc["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['pattern']} | {r['method']} | failed: {r['error'][:60]} | | | | |")
+    by_key = {(r["pattern"], r["method"]): r for r in rows}
+    for r in rows:
+        ref = by_key.get((r["pattern"], "sparsegpt"))
+        t_ratio = f"{r['prune_seconds'] / ref['prune_seconds']:.2f}×" if ref else "–"
+        base = _base_of(r["method"])
+        vs = "–"
+        if base and (r["pattern"], base) in by_key:
+            b = by_key[(r["pattern"], base)]["quality"]
+            if better_low:
+                vs = f"{100 * (r['quality'] - b) / b:+.1f}%"
+            else:
+                vs = f"{r['quality'] - b:+.2f} pts"
+        alpha = f" (α={r['alpha']:g})" if r.get("alpha") is not None else ""
+        lines.append(f"| {r['pattern']} | {r['method']}{alpha} | {r['quality']:.2f} | {vs} | "
+                     f"{r['prune_seconds']:.1f} | {t_ratio} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def generic_table(doc: dict[str, Any]) -> str:
+    if "markdown" in doc:
+        return doc["markdown"]
+    return "```\n" + json.dumps(doc, indent=1)[:2000] + "\n```"
+
+
+def render_all() -> str:
+    """Write results/RESULTS.md and the README section; returns the markdown."""
+    parts = []
+    for path in sorted(RESULTS.glob("*.json")):
+        doc = json.loads(path.read_text())
+        parts.append(f"### {path.name}\n\n" + (quality_table(doc) if "rows" in doc and "dense" in doc else generic_table(doc)))
+    md = "\n\n".join(parts) if parts else "_No results yet: run the benchmarks._"
+    write_text(RESULTS / "RESULTS.md", md + "\n")
+    if README.exists():
+        text = README.read_text()
+        if START in text and END in text:
+            head, rest = text.split(START, 1)
+            _, tail = rest.split(END, 1)
+            write_text(README, f"{head}{START}\n{md}\n{END}{tail}")
+    return md
+
+
+if __name__ == "__main__":
+    print(render_all())

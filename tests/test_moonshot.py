@@ -1,0 +1,47 @@
+"""MOONSHOT's mixed objective on small layers with known X and gradients."""
+import pytest
+import torch
+
+from moonshot_fx import prune_layer
+from moonshot_fx.pruners import mix_hessians, mixed_objective
+
+
+def _layer(seed=0, d=64, out=32, n=2048):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, d, generator=g) @ (torch.randn(d, d, generator=g) / d**0.5)) * torch.exp(torch.randn(d, generator=g))
+    delta = torch.randn(n, out, generator=g) * torch.exp(torch.randn(n, 1, generator=g))  # output grads
+    H = x.T @ x
+    Fi = (x * delta.square().sum(1, keepdim=True)).T @ x  # token Fisher Xᵀdiag(‖δ_t‖²)X
+    return torch.randn(out, d, generator=g), H, Fi
+
+
+@pytest.mark.parametrize("base", ["sparsegpt", "wanda"])
+@pytest.mark.parametrize("pattern", ["2:4", 0.5])
+def test_alpha_one_reproduces_base(base, pattern):
+    W, H, Fi = _layer()
+    a, ma = prune_layer(W, H, pattern, method=base)
+    b, mb = prune_layer(W, H, pattern, method="moonshot", base=base, fisher=Fi, alpha=1.0)
+    assert torch.equal(ma, mb)
+    assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("pattern", ["2:4", 0.5])
+def test_mixed_objective_not_worse_than_either_extreme(seed, pattern):
+    W, H, Fi = _layer(seed)
+    alpha = 0.5
+    mixed = prune_layer(W, H, pattern, method="moonshot", fisher=Fi, alpha=alpha)[0]
+    rec_only = prune_layer(W, H, pattern, method="sparsegpt")[0]
+    fisher_only = prune_layer(W, H, pattern, method="moonshot", fisher=Fi, alpha=0.0)[0]
+    f = lambda w: mixed_objective(W, w, H, Fi, alpha)
+    assert f(mixed) <= f(rec_only)
+    assert f(mixed) <= f(fisher_only)
+
+
+def test_mixing_normalises_each_term():
+    _, H, Fi = _layer()
+    mixed = mix_hessians(H, Fi * 1e6, 0.5)
+    again = mix_hessians(H * 1e-3, Fi, 0.5)
+    assert torch.allclose(mixed, again, rtol=1e-5)
+    assert torch.diagonal(mixed).mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert mix_hessians(H, Fi, 1.0) is H
