@@ -11,7 +11,9 @@ Names follow the paper. For a layer ``W`` (out × d) and ``H = XᵀX`` (d × d):
   block (adaptive mask selection); N:M patterns choose per group of ``m`` columns when the
   group's first column is reached, with the already-updated weights.
 
-Dead inputs (``H_jj = 0``) are zeroed before anything else. All maths in fp32.
+Dead inputs (``H_jj = 0``) are zeroed before anything else. All maths in fp32. The per-column
+loop of a block is :func:`~moonshot_fx.kernels.obs_block.obs_block` (a fused Triton kernel for
+CUDA tensors, the torch reference otherwise).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import torch
 
 from ..config import Pattern
 from ..linalg import inverse_cholesky_upper, prepare_hessian
-from ..masks import nm_mask, prune_lowest, quotas
+from ..kernels.obs_block import obs_block
+from ..masks import prune_lowest, quotas
 
 
 def sparsegpt_prune(
@@ -56,24 +59,13 @@ def sparsegpt_prune(
     for b, (i1, count) in enumerate(zip(starts, widths)):
         i2 = i1 + count
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        d1 = torch.diagonal(U1)
+        M1 = None
         if block_quota is not None:
+            d1 = torch.diagonal(U1)
             M1 = prune_lowest(W1.square() / d1.square().unsqueeze(0), block_quota[b])
-        else:
-            M1 = torch.ones_like(W1, dtype=torch.bool)
-        for i in range(count):
-            if pattern.is_nm and i % pattern.m == 0:
-                seg = W1[:, i : i + pattern.m].square() / d1[i : i + pattern.m].square().unsqueeze(0)
-                M1[:, i : i + pattern.m] = nm_mask(seg, pattern.n, pattern.m)
-            w = W1[:, i]
-            q = w * M1[:, i]
-            Q1[:, i] = q
-            err = (w - q) / d1[i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        # the per-column OBS loop (N:M masks chosen inside); fused Triton kernel on GPU
+        Q1, Err1, M1 = obs_block(W1, U1, M1, pattern.n, pattern.m)
         W[:, i1:i2] = Q1
         mask[:, i1:i2] = M1
         if i2 < cols:
