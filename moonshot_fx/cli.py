@@ -1,0 +1,431 @@
+"""``moonshot-fx`` command line: prune, evaluate and export the bundled models.
+
+Examples::
+
+    moonshot-fx prune --model stories260k --sparsity 2:4 --method moonshot --alpha auto --eval --out pruned.pt
+    moonshot-fx prune --model resnet20 --sparsity 0.5 --method sparsegpt --calib-images 256 --eval
+    moonshot-fx eval --model stories260k --checkpoint pruned.pt
+    moonshot-fx export --model stories260k --checkpoint pruned.pt --out pruned.onnx --pattern 2:4
+
+Models and data (all local, see :mod:`moonshot_fx.data`):
+
+* ``stories260k`` — llama2.c's 260K TinyStories model. The bundled TinyStories sample is split in
+  two halves: calibration windows are drawn from the first, perplexity is measured on the second.
+* ``smollm2`` — SmolLM2-135M-Instruct; calibration on WikiText-2 validation, perplexity on the
+  WikiText-2 raw test text (the first ``--eval-windows`` windows; ``0`` for all of it).
+* ``resnet20`` / ``resnet56`` — pretrained CIFAR-10 ResNets; calibration on the 1,000-image
+  calibration split, top-1 on ``--eval-images`` test images (``load_cifar``'s fixed sample of
+  all classes; all 10,000 by default).
+
+With an N:M pattern, layers whose input size is not a multiple of M (e.g. a ResNet's 27-input
+stem convolution) cannot take the pattern; ``prune`` keeps them dense and says so.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import DEFAULT_EXCLUDE, METHODS, BASES, SparsifyConfig, parse_pattern
+from .errors import MoonshotError
+
+log = logging.getLogger("moonshot_fx.cli")
+
+MODELS = ("stories260k", "smollm2", "resnet20", "resnet56")
+LM_MODELS = ("stories260k", "smollm2")
+
+#: per-model defaults: calibration windows/seqlen, evaluation windows/seqlen, batch size
+LM_DEFAULTS: dict[str, dict[str, int]] = {
+    "stories260k": {"calib_windows": 32, "seqlen": 128, "eval_windows": 0, "eval_seqlen": 128, "batch_size": 8},
+    "smollm2": {"calib_windows": 32, "seqlen": 512, "eval_windows": 16, "eval_seqlen": 512, "batch_size": 4},
+}
+VISION_DEFAULTS = {"calib_images": 256, "eval_images": 10000, "batch_size": 64}
+
+
+# ----------------------------------------------------------------------------- models and data
+
+
+@dataclass
+class Loaded:
+    """A model plus what is needed to calibrate and evaluate it."""
+
+    name: str
+    model: nn.Module
+    tokenizer: Any = None
+    calib_ids: torch.Tensor | None = None  # LM: token stream for calibration windows
+    eval_ids: torch.Tensor | None = None  # LM: token stream for perplexity
+    eval_corpus: str = ""
+
+    @property
+    def is_lm(self) -> bool:
+        return self.name in LM_MODELS
+
+
+def _data() -> Any:
+    try:
+        from . import data
+    except ImportError as e:  # pragma: no cover - data ships with the package
+        raise SystemExit(f"moonshot-fx: error: moonshot_fx.data is unavailable: {e}") from e
+    return data
+
+
+def load_model(name: str, *, need_text: bool = True) -> Loaded:
+    """Load ``name`` (one of :data:`MODELS`) and, for LMs, its calibration/evaluation token streams."""
+    data = _data()
+    t0 = time.perf_counter()
+    if name == "stories260k":
+        model, tok = data.load_stories260k()
+        out = Loaded(name, model, tok, eval_corpus="tinystories, 2nd half")
+        if need_text:
+            ids = torch.tensor(tok.encode_documents(data.load_text("tinystories")), dtype=torch.long)
+            half = ids.numel() // 2
+            out.calib_ids, out.eval_ids = ids[:half], ids[half:]
+    elif name == "smollm2":
+        model, tok = data.load_smollm2()
+        out = Loaded(name, model, tok, eval_corpus="wikitext2 test")
+        if need_text:
+            out.calib_ids = data.tokenize(tok, data.load_text("wikitext2_valid"))
+            out.eval_ids = data.tokenize(tok, data.load_text("wikitext2_test"))
+    elif name in ("resnet20", "resnet56"):
+        out = Loaded(name, data.load_cifar_resnet(int(name[len("resnet"):])), eval_corpus="CIFAR-10 test")
+    else:  # argparse restricts the choices
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    out.model.eval()
+    log.info("loaded %s in %.1fs", name, time.perf_counter() - t0)
+    return out
+
+
+def _even_chunks(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Split ``x`` along dim 0 into equal chunks of at most ``batch_size`` (one shape for tracing)."""
+    n = x.shape[0]
+    size = max(d for d in range(1, min(batch_size, n) + 1) if n % d == 0)
+    return list(x.split(size))
+
+
+def calibration_batches(loaded: Loaded, args: argparse.Namespace) -> tuple[list[Any], str]:
+    """The calibration batches and a one-line description."""
+    data = _data()
+    if loaded.is_lm:
+        assert loaded.calib_ids is not None
+        seqlen = min(args.seqlen, loaded.calib_ids.numel())
+        windows = data.calibration_windows(loaded.calib_ids, args.calib_windows, seqlen, seed=args.seed)
+        batches = [{"input_ids": w} for w in _even_chunks(windows, args.batch_size)]
+        where = "tinystories, 1st half" if loaded.name == "stories260k" else "wikitext2 valid"
+        return batches, f"{args.calib_windows} windows x {seqlen} tokens ({where})"
+    images, _ = data.load_cifar("calib", n=args.calib_images)
+    return _even_chunks(images, args.batch_size), f"{images.shape[0]} CIFAR-10 calibration images"
+
+
+def evaluate(loaded: Loaded, args: argparse.Namespace) -> tuple[str, float, str]:
+    """``(metric name, value, description)``: perplexity for LMs, top-1 (%) for ResNets."""
+    data = _data()
+    t0 = time.perf_counter()
+    if loaded.is_lm:
+        assert loaded.eval_ids is not None
+        seqlen = min(args.eval_seqlen, loaded.eval_ids.numel())
+        windows = data.eval_windows(loaded.eval_ids, seqlen, n=args.eval_windows or None)
+        value = data.perplexity(loaded.model, windows, batch_size=args.batch_size)
+        desc = f"{loaded.eval_corpus}, {windows.shape[0]} x {seqlen} tokens"
+        metric = "perplexity"
+    else:
+        images, labels = data.load_cifar("test", n=args.eval_images)
+        value = data.top1(loaded.model, images, labels)
+        desc = f"{loaded.eval_corpus}, {images.shape[0]} images"
+        metric = "top-1"
+    log.info("%s evaluated in %.1fs", metric, time.perf_counter() - t0)
+    return metric, value, desc
+
+
+def _fmt_metric(metric: str, value: float) -> str:
+    return f"{value:.2f}%" if metric == "top-1" else f"{value:.3f}"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_state_dict(model: nn.Module, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(model.state_dict())`` atomically: a temp file in the same folder, then os.replace."""
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(model.state_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Load a state_dict saved by ``prune --out`` (``weights_only=True``; ``module.`` prefixes dropped)."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} does not hold a state_dict (got {type(sd).__name__})")
+    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True)
+
+
+def weight_sparsity(model: nn.Module) -> tuple[float, int]:
+    """Fraction of zeros over the matrix/conv weights (dim >= 2) outside embeddings, and their count."""
+    zeros = total = 0
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or id(p) in seen or "embed" in name:
+            continue
+        seen.add(id(p))
+        zeros += int((p == 0).sum())
+        total += p.numel()
+    return (zeros / total if total else 0.0), total
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _incompatible_nm(model: nn.Module, example: Any, cfg: SparsifyConfig, prune_head: bool) -> list[str]:
+    """Selected sites whose input size is not a multiple of their N:M pattern's M."""
+    from .passes.capture import capture, normalize_batch
+    from .passes.discover import find_sites, select_sites
+
+    args, kwargs = normalize_batch(example, model)
+    captured = capture(model, args, kwargs)
+    sites = select_sites(find_sites(captured.gm, model), cfg, prune_head=prune_head)
+    out = []
+    for s in sites:
+        pat = cfg.pattern_for(s.name)
+        if pat.is_nm and s.matrix_shape[1] % pat.m:
+            out.append(s.name)
+    return out
+
+
+def _alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha must be a number in [0, 1] or 'auto', got {text!r}") from None
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    _apply_defaults(args)
+    pattern = parse_pattern(args.sparsity)  # PatternError before the (slow) model load
+    options: dict[str, Any] = {"base": args.base}
+    if args.alpha is not None:
+        options["alpha"] = args.alpha
+    if args.sequential is not None:
+        options["sequential"] = args.sequential
+    exclude = tuple(DEFAULT_EXCLUDE) + tuple(args.exclude or ())
+    cfg = SparsifyConfig(sparsity=args.sparsity, method=args.method, exclude=exclude,
+                         include=tuple(args.include or ("*",)), **options)
+
+    loaded = load_model(args.model, need_text=True)
+    model = loaded.model
+    print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    batches, calib_desc = calibration_batches(loaded, args)
+    print(f"calibration: {calib_desc}")
+
+    if pattern.is_nm:
+        dense = _incompatible_nm(model, batches[0], cfg, args.prune_head)
+        if dense:
+            msg = (f"keeping {len(dense)} layer(s) dense: input size not a multiple of {pattern.m} "
+                   f"for {pattern}: {', '.join(dense)}")
+            log.info(msg)
+            print(f"note: {msg}")
+            cfg = cfg.replace(exclude=cfg.exclude + tuple(dense))
+
+    dense_metric = None
+    if args.eval:
+        metric, value, desc = evaluate(loaded, args)
+        dense_metric = value
+        print(f"dense  {metric} ({desc}): {_fmt_metric(metric, value)}")
+
+    t0 = time.perf_counter()
+    calib = batches if args.method != "magnitude" else []
+    from .api import sparsify
+
+    sparsify(model, batches[0], calibration=calib, config=cfg, prune_head=args.prune_head,
+             progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    report = model.moonshot_report  # type: ignore[attr-defined]
+    alpha = f", alpha={report.alpha:g}" if report.alpha is not None else ""
+    print(f"pruned: {len(report.sites)} layers to {pattern} with {args.method}{alpha}; "
+          f"{100 * report.overall_sparsity:.1f}% of {report.total_params:,} weights are zero; {seconds:.1f}s")
+    if args.eval:
+        metric, value, desc = evaluate(loaded, args)
+        change = ""
+        if dense_metric is not None and math.isfinite(value):
+            change = f" (dense {_fmt_metric(metric, dense_metric)}, {value - dense_metric:+.3g})"
+        print(f"pruned {metric} ({desc}): {_fmt_metric(metric, value)}{change}")
+    if args.report:
+        Path(args.report).write_text(report.to_json(indent=2), encoding="utf-8")
+        print(f"report written to {args.report}")
+    if args.out:
+        dest = save_state_dict(model, args.out)
+        print(f"saved state_dict to {dest}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _apply_defaults(args)
+    loaded = load_model(args.model, need_text=True)
+    if args.checkpoint:
+        load_checkpoint(loaded.model, args.checkpoint)
+        print(f"checkpoint: {args.checkpoint}")
+    sparsity, count = weight_sparsity(loaded.model)
+    print(f"model: {args.model}; {100 * sparsity:.1f}% of {count:,} layer weights are zero")
+    metric, value, desc = evaluate(loaded, args)
+    print(f"{metric} ({desc}): {_fmt_metric(metric, value)}")
+    return 0
+
+
+def _onnx_backend() -> Any:
+    try:
+        from .backends import onnx
+    except Exception as e:  # noqa: BLE001 - any import failure means: no export here
+        log.debug("moonshot_fx.backends.onnx failed to import", exc_info=True)
+        return e
+    return onnx
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    backend = _onnx_backend()
+    export_main = getattr(backend, "export_main", None)
+    if export_main is None:
+        why = f" ({type(backend).__name__}: {backend})" if isinstance(backend, Exception) else ""
+        print("moonshot-fx: error: ONNX export is not available: moonshot_fx.backends.onnx.export_main "
+              f"is missing{why}. Install the extra with `pip install 'moonshot-fx[onnx]'`.", file=sys.stderr)
+        return 2
+    forwarded = getattr(args, "export_args", None)
+    return int(export_main(args if forwarded is None else forwarded) or 0)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def _apply_defaults(args: argparse.Namespace) -> None:
+    defaults: dict[str, int] = LM_DEFAULTS[args.model] if args.model in LM_MODELS else VISION_DEFAULTS
+    for key, value in {**LM_DEFAULTS["stories260k"], **VISION_DEFAULTS, **defaults}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-windows", type=int, default=None,
+                   help="LMs: evaluate on the first N windows (0 = all; default: stories260k all, smollm2 16)")
+    g.add_argument("--eval-seqlen", type=int, default=None, help="LMs: tokens per evaluation window (default 128 / 512)")
+    g.add_argument("--eval-images", type=int, default=None, help="ResNets: N test images, a fixed random sample (default: all 10000)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="windows/images per forward pass (default: 8 stories260k, 4 smollm2, 64 ResNets)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moonshot-fx", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: info, -vv: debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="{prune,eval,export}", required=True)
+
+    p = sub.add_parser("prune", help="prune a bundled model one-shot and optionally evaluate/save it")
+    p.add_argument("--model", required=True, choices=MODELS)
+    p.add_argument("--sparsity", default="2:4", help="fraction in [0, 1) or N:M (default 2:4)")
+    p.add_argument("--method", default="sparsegpt", choices=METHODS)
+    p.add_argument("--base", default="sparsegpt", choices=BASES, help="base pruner of --method moonshot")
+    p.add_argument("--alpha", type=_alpha, default=None, help="MOONSHOT alpha in [0, 1] or 'auto' (default 0.75)")
+    p.add_argument("--calib-windows", type=int, default=None, help="LMs: calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=None, help="LMs: tokens per calibration window (default 128 / 512)")
+    p.add_argument("--calib-images", type=int, default=None, help="ResNets: calibration images (a fixed sample of all classes; default 256)")
+    p.add_argument("--seed", type=int, default=0, help="LMs: seed of the calibration window sampler")
+    seq = p.add_mutually_exclusive_group()
+    seq.add_argument("--sequential", dest="sequential", action="store_true", default=None,
+                     help="prune in graph order on already-pruned inputs (default: automatic)")
+    seq.add_argument("--no-sequential", dest="sequential", action="store_false")
+    p.add_argument("--include", action="append", metavar="GLOB", help="only prune weights matching GLOB (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB",
+                   help="also keep weights matching GLOB dense (added to the defaults; repeatable)")
+    p.add_argument("--prune-head", action="store_true", help="also prune the final classifier when the globs allow it")
+    p.add_argument("--eval", action="store_true", help="print dense and pruned perplexity / top-1")
+    p.add_argument("--out", help="save the pruned state_dict here (atomically)")
+    p.add_argument("--report", help="write the sparsity report as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_eval_args(p)
+    p.set_defaults(func=cmd_prune)
+
+    e = sub.add_parser("eval", help="evaluate a bundled model, optionally with a pruned checkpoint")
+    e.add_argument("--model", required=True, choices=MODELS)
+    e.add_argument("--checkpoint", help="state_dict file (loaded with torch.load(weights_only=True))")
+    _add_eval_args(e)
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="export to ONNX and verify it (moonshot_fx.backends.onnx)")
+    backend = _onnx_backend()
+    add = getattr(backend, "add_export_arguments", None)
+    if add is not None:
+        add(x)
+    else:  # no argument spec available: everything after `export` is forwarded as a list
+        x.set_defaults(export_args=[])
+    x.set_defaults(func=cmd_export)
+    return parser
+
+
+def _setup_logging(verbosity: int) -> Callable[[], None]:
+    """Log moonshot_fx messages to stderr (warnings by default, -v info, -vv debug) for the duration
+    of one :func:`main` call; returns the function that undoes it."""
+    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logger = logging.getLogger("moonshot_fx")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    saved = (logger.level, logger.propagate)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+    def undo() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+    return undo
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 on success)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(None if argv is None else list(argv))
+    if extra:
+        if args.command == "export" and getattr(args, "export_args", None) is not None:
+            args.export_args = list(extra)
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    undo_logging = _setup_logging(args.verbose)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except MoonshotError as e:
+        print(f"moonshot-fx: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:  # missing data, too many windows/images asked, bad checkpoint
+        log.debug("failed", exc_info=True)
+        print(f"moonshot-fx: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        undo_logging()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
