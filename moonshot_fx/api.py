@@ -6,6 +6,7 @@ model's weights untouched.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -124,6 +125,11 @@ def sparsify(
         PatternError, ConfigError, TraceError, NoPrunableSitesError, CalibrationError, LinalgError
         (all :class:`MoonshotError`); the model's weights are unchanged when any is raised.
     """
+    if config is None:
+        unknown = set(options) - {f.name for f in dataclasses.fields(SparsifyConfig)}
+        if unknown:
+            raise ConfigError(f"unknown sparsify option(s) {sorted(unknown)}; valid options: "
+                              f"{sorted(f.name for f in dataclasses.fields(SparsifyConfig))}")
     cfg = config or SparsifyConfig(sparsity=sparsity, method=method, **options)
     if config is not None and options:
         raise ConfigError(f"pass options inside config, not both: {sorted(options)}")

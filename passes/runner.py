@@ -20,6 +20,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
+from moonshot_fx.errors import CalibrationError, MoonshotError
+
 from .capture import CapturedGraph
 from .discover import Site
 
@@ -113,7 +115,16 @@ class GraphRunner:
             outs = []
             for b in range(nb):
                 getter = value(b)
-                outs.append(self._call(node, fx.node.map_arg(node.args, getter), fx.node.map_arg(node.kwargs, getter)))
+                try:
+                    outs.append(self._call(node, fx.node.map_arg(node.args, getter), fx.node.map_arg(node.kwargs, getter)))
+                except MoonshotError:
+                    raise
+                except Exception as exc:  # a batch the traced graph cannot run: say which and why
+                    raise CalibrationError(
+                        f"running graph node {node.name!r} ({node.target}) failed on a calibration batch: "
+                        f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
+                        "Check that every batch has the same structure, dtypes and feature sizes as example_inputs."
+                    ) from exc
             env[node] = outs
             if on_output is not None and site is not None:
                 on_output(node, outs)
