@@ -23,6 +23,7 @@ from .passes.apply import write_weights
 from .passes.calibrate import LossFn, collect_gradients, collect_hessians, default_loss, group_sites
 from .passes.capture import CapturedGraph, capture, iter_batches, normalize_batch
 from .passes.discover import Site, find_sites, select_sites
+from .passes.norm_recalibration import recalibrate_batchnorm
 from .passes.prune import SiteResult, prune_group, to_matrix
 from .passes.runner import GraphRunner
 from .passes.sequential import sequential_prune
@@ -158,7 +159,18 @@ def sparsify(
             r = results[s.name]
             if not check_pattern(to_matrix(s, r.weight), r.pattern):
                 raise PatternError(f"internal error: {s.name} does not satisfy {r.pattern}; model left unchanged")
-        write_weights(model, {name: r.weight for name, r in results.items()})
+        if cfg.recalibrate_norms:
+            snapshot = {n: p.detach().clone() for n, p in ((r, model.get_parameter(r)) for r in results)}
+            write_weights(model, {name: r.weight for name, r in results.items()})
+            try:
+                t = time.perf_counter()
+                report.norms_recalibrated = recalibrate_batchnorm(model, norm)
+                timings["recalibrate_norms"] = time.perf_counter() - t
+            except BaseException:
+                write_weights(model, snapshot)  # all or nothing
+                raise
+        else:
+            write_weights(model, {name: r.weight for name, r in results.items()})
     finally:
         model.train(was_training)
     report.sites = [SiteReport(r.name, r.pattern, r.sparsity, r.rel_error, s.params, r.seconds)

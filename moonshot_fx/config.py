@@ -112,6 +112,8 @@ class SparsifyConfig:
         dampening: relative dampening λ added as λ·mean(diag H) to the Hessian diagonal.
         blocksize: SparseGPT column block size (lazy batch updates).
         device: where the pruning maths runs (defaults to the weight's device).
+        recalibrate_norms: after pruning, re-estimate BatchNorm running statistics on the
+            calibration batches (helps CNNs at high sparsity; changes BatchNorm buffers).
     """
 
     sparsity: PatternLike = 0.5
@@ -128,6 +130,7 @@ class SparsifyConfig:
     dampening: float = 0.01
     blocksize: int = 128
     device: Union[str, None] = None
+    recalibrate_norms: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:

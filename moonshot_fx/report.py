@@ -30,6 +30,7 @@ class SparsityReport:
     alpha_search: dict[str, float] = field(default_factory=dict)
     sequential: bool = False
     capture_method: str = ""
+    norms_recalibrated: int = 0
 
     @property
     def total_params(self) -> int:
