@@ -20,7 +20,7 @@ from .config import SparsifyConfig
 from .errors import CalibrationError, ConfigError, PatternError
 from .masks import check_pattern
 from .passes.apply import write_weights
-from .passes.calibrate import LossFn, collect_gradients, collect_hessians, default_loss, group_sites
+from .passes.calibrate import LossFn, collect_gradients, collect_hessians, default_loss, group_sites, needs_diagonal_only
 from .passes.capture import CapturedGraph, capture, iter_batches, normalize_batch
 from .passes.discover import Site, find_sites, select_sites
 from .passes.norm_recalibration import recalibrate_batchnorm
@@ -224,6 +224,7 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
             pass
     else:
         stats = collect_hessians(captured, sites, flat, row_weights=row_weights,
+                                 diagonal_only=needs_diagonal_only(cfg),
                                  progress=_progress(progress, "calibrate", len(flat)))
         timings["calibrate"] = time.perf_counter() - t
         results = _prune_all(model, sites, stats, cfg, sample_fishers, alpha, progress)
@@ -281,7 +282,7 @@ def choose_alpha(model: nn.Module, captured: CapturedGraph, sites: list[Site], n
     fit_idx = list(range(len(norm) - n_hold)) or [0]
     flat_fit = [captured.flat_inputs(*norm[i]) for i in fit_idx]
     rw = {k: [v[i] for i in fit_idx] for k, v in row_weights.items()} if row_weights else None
-    stats = collect_hessians(captured, sites, flat_fit, row_weights=rw)
+    stats = collect_hessians(captured, sites, flat_fit, row_weights=rw, diagonal_only=needs_diagonal_only(cfg))
     scores: dict[float, float] = {}
     for a in _progress(progress, "alpha search", len(cfg.alpha_grid))(list(cfg.alpha_grid)):
         res = _prune_all(model, sites, stats, cfg, sample_fishers, a, progress=False)

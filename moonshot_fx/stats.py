@@ -89,6 +89,8 @@ class LayerStats:
     rows: int = 0
     batches: int = 0
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # per site name
+    #: keep only diagonals (squared column norms): all Wanda needs, O(d) instead of O(d²) work
+    diagonal_only: bool = False
 
     def add_rows(self, rows: torch.Tensor) -> None:
         """Accumulate ``XᵀX`` of one batch's rows; check they are finite."""
@@ -99,9 +101,21 @@ class LayerStats:
                 "non-finite activations reached a prunable layer during calibration; check the "
                 "calibration inputs (token ids in range, images normalised) and the model's dtype."
             )
-        self.hessian = accumulate_hessian(self.hessian, rows)
+        if self.diagonal_only:
+            sq = rows.to(ACC_DTYPE).square().sum(dim=0)
+            self.hessian = sq if self.hessian is None else self.hessian.add_(sq)
+        else:
+            self.hessian = accumulate_hessian(self.hessian, rows)
         self.rows += rows.shape[0]
         self.batches += 1
+
+    def add_token_fisher(self, site: str, rows: torch.Tensor, weights: torch.Tensor) -> None:
+        """Accumulate ``Xᵀ diag(weights) X`` (its diagonal in diagonal-only mode) for ``site``."""
+        if self.diagonal_only:
+            update = (rows.to(ACC_DTYPE).square() * weights.to(ACC_DTYPE).unsqueeze(1)).sum(dim=0)
+        else:
+            update = accumulate_hessian(None, rows, weights)
+        self.add_fisher(site, update)
 
     def add_fisher(self, site: str, update: torch.Tensor) -> None:
         """Accumulate a Fisher term for ``site``."""
@@ -117,6 +131,8 @@ class LayerStats:
 
             raise CalibrationError("no calibration rows reached this layer; is it used by the forward pass?")
         mean = (self.hessian / max(1, self.rows)).to(torch.float32)
+        if self.diagonal_only:
+            mean = torch.diag(mean)
         if not torch.isfinite(mean).all():
             from .errors import CalibrationError
 
@@ -125,3 +141,11 @@ class LayerStats:
                 "calibration inputs and the model's scale."
             )
         return mean
+
+    def mean_fisher(self, site: str) -> torch.Tensor | None:
+        """The token-level Fisher of ``site`` divided by the row count (a matrix), if any."""
+        f = self.fisher.get(site)
+        if f is None:
+            return None
+        f = (f / max(1, self.rows)).to(torch.float32)
+        return torch.diag(f) if self.diagonal_only else f

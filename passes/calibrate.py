@@ -17,8 +17,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.errors import CalibrationError
-from moonshot_fx.stats import LayerStats, accumulate_hessian, input_rows, output_rows, sample_fisher
+from moonshot_fx.stats import LayerStats, input_rows, output_rows, sample_fisher
 
 from .capture import CapturedGraph
 from .discover import Site
@@ -27,6 +28,12 @@ from .runner import GraphRunner
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[Any, tuple[Any, ...], dict[str, Any]], torch.Tensor]
+
+
+def needs_diagonal_only(config: "SparsifyConfig") -> bool:
+    """Wanda (also as MOONSHOT's base) reads only Hessian diagonals: skip the d×d products."""
+    return config.method == "wanda" or (config.method == "moonshot" and config.base == "wanda"
+                                        and config.fisher != "sample")
 
 
 def accumulating_nodes(sites: Sequence[Site]) -> dict[str, str]:
@@ -54,8 +61,10 @@ def group_sites(sites: Sequence[Site]) -> dict[str, list[Site]]:
 class StatsCollector:
     """The ``on_site`` hook that accumulates statistics into ``stats`` (group → LayerStats)."""
 
-    def __init__(self, sites: Sequence[Site], row_weights: dict[str, list[torch.Tensor]] | None = None):
+    def __init__(self, sites: Sequence[Site], row_weights: dict[str, list[torch.Tensor]] | None = None,
+                 diagonal_only: bool = False):
         self.sites = list(sites)
+        self.diagonal_only = diagonal_only
         self.accumulate_at = accumulating_nodes(self.sites)
         self.groups = group_sites(self.sites)
         self.stats: dict[str, LayerStats] = {}
@@ -67,7 +76,7 @@ class StatsCollector:
         group = self.accumulate_at.get(node.name)
         if group is None:
             return
-        st = self.stats.setdefault(group, LayerStats())
+        st = self.stats.setdefault(group, LayerStats(diagonal_only=self.diagonal_only))
         for b, x in enumerate(xs):
             rows = input_rows(x.detach(), site.kind, site.conv)
             st.add_rows(rows)
@@ -78,7 +87,7 @@ class StatsCollector:
                     start = self.cursor.get(key, 0)
                     w = weights[self.batch_offset + b][start : start + rows.shape[0]]
                     self.cursor[key] = start + rows.shape[0]
-                    st.add_fisher(s.name, accumulate_hessian(None, rows, w))
+                    st.add_token_fisher(s.name, rows, w)
 
 
 def collect_hessians(
@@ -87,11 +96,12 @@ def collect_hessians(
     flat_batches: Iterable[list[Any]],
     *,
     row_weights: dict[str, list[torch.Tensor]] | None = None,
+    diagonal_only: bool = False,
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda x: x,
 ) -> dict[str, LayerStats]:
     """Accumulate statistics of every group over ``flat_batches`` (one batch in flight)."""
     runner = GraphRunner(captured, sites)
-    collector = StatsCollector(sites, row_weights)
+    collector = StatsCollector(sites, row_weights, diagonal_only)
     stop = runner.last_site_node()
     with torch.no_grad():
         for i, flat in enumerate(progress(flat_batches)):

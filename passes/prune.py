@@ -78,7 +78,7 @@ def prune_group(
         if config.method == "moonshot":
             fisher = None
             if config.fisher == "token" and site.name in stats.fisher:
-                fisher = (stats.fisher[site.name] / max(1, stats.rows)).to(torch.float32)
+                fisher = stats.mean_fisher(site.name)
             elif sample_fishers is not None and site.name in sample_fishers:
                 fisher = sample_fishers[site.name].to(torch.float32)
             options.update(fisher=fisher, alpha=config.alpha if alpha is None else alpha, base=config.base)
@@ -88,7 +88,7 @@ def prune_group(
             options["mask_from"] = config.mask_from
         Hd = H.to(device) if H is not None else None
         new, _ = prune_layer(W, Hd, pattern, method=config.method, **options)
-        if Hd is not None:
+        if Hd is not None and not getattr(stats, "diagonal_only", False):
             base = quadratic_error(W, torch.zeros_like(W), Hd)
             rel = quadratic_error(W, new, Hd) / base if base > 0 else 0.0
         else:

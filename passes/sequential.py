@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from moonshot_fx.config import SparsifyConfig
 
-from .calibrate import StatsCollector
+from .calibrate import StatsCollector, needs_diagonal_only
 from .capture import CapturedGraph
 from .discover import Site
 from .prune import SiteResult, prune_group
@@ -42,7 +42,7 @@ def sequential_prune(
     """Prune every site sequentially; returns name → result (the model is not modified)."""
     substitutes: dict[str, torch.Tensor] = {}
     results: dict[str, SiteResult] = {}
-    collector = StatsCollector(sites, row_weights)
+    collector = StatsCollector(sites, row_weights, needs_diagonal_only(config))
     remaining_nodes = {g: [n for s in ss for n, _ in zip(s.nodes, s.inputs) if collector.accumulate_at.get(n) == g]
                        for g, ss in collector.groups.items()}
     runner = GraphRunner(captured, sites, weights=substitutes)

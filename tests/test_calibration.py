@@ -130,3 +130,18 @@ def test_input_rows_linear_and_conv_shapes():
     assert input_rows(x, "linear").shape == (6, 5)
     conv = {"kernel_size": (3, 3), "stride": (1, 1), "padding": (1, 1), "dilation": (1, 1)}
     assert input_rows(torch.randn(2, 4, 6, 6), "conv2d", conv).shape == (72, 36)
+
+
+def test_diagonal_only_statistics_match_full_diagonals():
+    torch.manual_seed(0)
+    model = TinySeq().eval()
+    batches = [torch.randn(2, 5, 8) for _ in range(3)]
+    cap, sites = _setup(model, batches[0])
+    flat = [cap.flat_inputs((b,), {}) for b in batches]
+    rw = {s.name: [torch.rand(10) for _ in batches] for s in sites}
+    full = collect_hessians(cap, sites, flat, row_weights=rw)
+    diag = collect_hessians(cap, sites, flat, row_weights=rw, diagonal_only=True)
+    for g in full:
+        assert torch.allclose(diag[g].mean_hessian(), torch.diag(torch.diagonal(full[g].mean_hessian())), rtol=1e-5)
+        for name in full[g].fisher:
+            assert torch.allclose(diag[g].mean_fisher(name), torch.diag(torch.diagonal(full[g].mean_fisher(name))), rtol=1e-5)
