@@ -103,12 +103,18 @@ class MethodSpec:
 
 def parse_method(label: str) -> MethodSpec:
     """``sparsegpt``, ``moonshot-sparsegpt``, ``moonshot-wanda-auto``, ``moonshot-sparsegpt-a0.5``,
-    ``moonshot-optima``, ``optima``, ``magnitude``, ``wanda``, ``dense``."""
-    parts = label.split("-")
+    ``moonshot-optima``, ``optima``, ``magnitude``, ``wanda``; a ``+bn`` suffix adds BatchNorm
+    re-estimation (``recalibrate_norms=True``)."""
+    extra: dict[str, Any] = {}
+    core = label
+    if core.endswith("+bn"):  # re-estimate BatchNorm statistics after pruning
+        core = core[:-3]
+        extra["recalibrate_norms"] = True
+    parts = core.split("-")
     if parts[0] != "moonshot":
-        return MethodSpec(label, parts[0])
+        return MethodSpec(label, parts[0], tuple(sorted(extra.items())))
     base = parts[1] if len(parts) > 1 else "sparsegpt"
-    opts: dict[str, Any] = {"base": base}
+    opts: dict[str, Any] = {"base": base, **extra}
     for p in parts[2:]:
         if p == "auto":
             opts["alpha"] = "auto"

@@ -20,8 +20,9 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def _base_of(label: str) -> str | None:
-    parts = label.split("-")
-    return parts[1] if parts[0] == "moonshot" and len(parts) > 1 else None
+    suffix = "+bn" if label.endswith("+bn") else ""
+    parts = label[: len(label) - len(suffix)].split("-")
+    return parts[1] + suffix if parts[0] == "moonshot" and len(parts) > 1 else None
 
 
 def quality_table(doc: dict[str, Any]) -> str:
