@@ -47,12 +47,8 @@ def lm_setup(name: str, args: argparse.Namespace) -> tuple[Any, list[Any], Calla
                     "evaluation": f"first {ev.shape[0]}x{args.seqlen} tokens wikitext2_raw_test", "metric": "perplexity"}
     else:
         model, tok = data.load_stories260k()
-        stories = [s.strip() for s in data.load_text("tinystories").split("<|endoftext|>") if s.strip()]
-        ids = torch.tensor([t for s in stories for t in tok.encode(s)])
-        ev = data.eval_windows(ids, 128)
-        torch.manual_seed(0)
-        cal = model.generate(torch.ones(64, 1, dtype=torch.long), do_sample=True, max_new_tokens=255,
-                             min_new_tokens=255, top_k=0)
+        ev = data.eval_windows(data.story_tokens(tok), 128)
+        cal = data.sampled_windows(model, 64, 256, seed=0)
         settings = {"calibration": "64x256 tokens sampled from the dense model, seed 0",
                     "evaluation": f"{ev.shape[0]}x128 tokens tinystories_sample", "metric": "perplexity"}
     batches = [{"input_ids": cal[i:i + args.batch]} for i in range(0, cal.shape[0], args.batch)]

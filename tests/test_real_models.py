@@ -13,13 +13,9 @@ data = pytest.importorskip("moonshot_fx.data")
 @pytest.fixture(scope="module")
 def stories():
     model, tok = data.load_stories260k()
-    stories = [s.strip() for s in data.load_text("tinystories").split("<|endoftext|>") if s.strip()]
-    ids = torch.tensor([t for s in stories for t in tok.encode(s)])
-    evals = data.eval_windows(ids, 128)
+    evals = data.eval_windows(data.story_tokens(tok), 128)
     # calibration: stories sampled from the dense model itself (in-domain, disjoint from the eval text)
-    torch.manual_seed(0)
-    gen = model.generate(torch.ones(32, 1, dtype=torch.long), do_sample=True, max_new_tokens=255,
-                         min_new_tokens=255, top_k=0)
+    gen = data.sampled_windows(model, 32, 256, seed=0)
     calib = [{"input_ids": gen[i:i + 8]} for i in range(0, 32, 8)]
     return model, {k: v.clone() for k, v in model.state_dict().items()}, calib, evals
 

@@ -16,7 +16,7 @@ from .llama2c import (
 )
 from .paths import DATA_ENV_VAR, data_file, data_root
 from .smollm2 import load_smollm2, smollm2_gguf_path
-from .text import calibration_windows, eval_windows, load_text, perplexity, tokenize
+from .text import calibration_windows, eval_windows, load_text, perplexity, sampled_windows, story_tokens, tokenize
 
 __all__ = [
     "DATA_ENV_VAR",
@@ -27,6 +27,8 @@ __all__ = [
     "calibration_windows",
     "eval_windows",
     "perplexity",
+    "sampled_windows",
+    "story_tokens",
     "Llama2cTokenizer",
     "load_stories260k",
     "permute_rope_rows",

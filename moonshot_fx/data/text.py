@@ -202,3 +202,21 @@ def perplexity(model: Any, windows: torch.Tensor, batch_size: int = 4, progress:
     if count == 0:
         raise ValueError("no tokens to predict (need seqlen >= 2 and at least one window)")
     return math.exp(total_nll / count)
+
+
+def sampled_windows(model: Any, n: int, seqlen: int, seed: int = 0, bos_id: int = 1) -> torch.Tensor:
+    """``(n, seqlen)`` token windows sampled from ``model`` itself (temperature 1, no top-k).
+
+    Data-free, in-domain calibration for a model whose training text is not at hand (stories260K):
+    every window starts at ``bos_id``; sampling is seeded, so the windows are reproducible.
+    """
+    torch.manual_seed(seed)
+    start = torch.full((n, 1), bos_id, dtype=torch.long)
+    with torch.no_grad():
+        return model.generate(start, do_sample=True, max_new_tokens=seqlen - 1, min_new_tokens=seqlen - 1, top_k=0)
+
+
+def story_tokens(tokenizer: Any, name: str = "tinystories") -> torch.Tensor:
+    """Token ids of a ``<|endoftext|>``-separated story file, each story prefixed with BOS."""
+    stories = [s.strip() for s in load_text(name).split("<|endoftext|>") if s.strip()]
+    return torch.tensor([t for s in stories for t in tokenizer.encode(s)])
