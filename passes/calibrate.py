@@ -113,6 +113,21 @@ def collect_hessians(
     return collector.stats
 
 
+def split_batch(args: tuple[Any, ...], kwargs: dict[str, Any], size: int) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Split a batch along dim 0 into chunks of ``size`` samples (non-tensors are shared)."""
+    from torch.utils import _pytree as pytree
+
+    leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if size < 1 or not leaves or len({x.shape[0] for x in leaves}) != 1 or leaves[0].shape[0] <= size:
+        return [(args, kwargs)]
+    n = leaves[0].shape[0]
+    out = []
+    for start in range(0, n, size):
+        pick = lambda x: x[start:start + size] if isinstance(x, torch.Tensor) and x.dim() > 0 else x  # noqa: E731
+        out.append(pytree.tree_map(pick, (args, kwargs)))
+    return out
+
+
 def default_loss(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     """Per-sample losses ``(B,)``: LM next-token cross-entropy (mean over a sample's tokens) when
     the output has logits over a sequence and ``input_ids`` are given; otherwise classifier
@@ -145,12 +160,15 @@ def collect_gradients(
     *,
     kind: str = "token",
     loss_fn: LossFn | None = None,
+    micro_batch: int = 1,
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda x: x,
 ) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor], float]:
     """Backward passes of the loss; returns ``(row_weights, sample_fisher, mean_loss)``.
 
     ``row_weights[site][b]`` are ``‖δ_t‖²`` for the rows of batch ``b`` (token kind);
     ``sample_fisher[site]`` is ``Σ_k G_kᵀG_k`` over all samples (sample kind, fp32).
+    With the default loss the backward runs ``micro_batch`` samples at a time, so the memory of
+    autograd's saved activations (and an LM's logits) does not grow with the batch size.
     """
     loss_fn = loss_fn or default_loss
     runner = GraphRunner(captured, sites)
@@ -162,45 +180,57 @@ def collect_gradients(
     try:
         for p in params:
             p.requires_grad_(True)
-        for args, kwargs in progress(batches):
-            inputs: dict[str, list[torch.Tensor]] = {}
-            outputs: dict[str, list[torch.Tensor]] = {}
-            node_site: dict[str, Site] = {}
+        for b_args, b_kwargs in progress(batches):
+            # the default loss reads everything from the batch, so the backward can run on
+            # micro-batches (exact: losses are per sample); a user loss_fn sees whole batches
+            chunks = split_batch(b_args, b_kwargs, micro_batch) if loss_fn is default_loss else [(b_args, b_kwargs)]
+            batch_rows: dict[str, list[list[torch.Tensor]]] = {s.name: [] for s in sites}  # site -> use -> chunks
+            for args, kwargs in chunks:
+                inputs: dict[str, list[torch.Tensor]] = {}
+                outputs: dict[str, list[torch.Tensor]] = {}
+                node_site: dict[str, Site] = {}
 
-            def on_site(node: fx.Node, site: Site, xs: list[torch.Tensor]) -> None:
-                inputs[node.name] = [x.detach() for x in xs]
-                node_site[node.name] = site
+                def on_site(node: fx.Node, site: Site, xs: list[torch.Tensor]) -> None:
+                    inputs[node.name] = [x.detach() for x in xs]
+                    node_site[node.name] = site
 
-            def on_output(node: fx.Node, outs: list[Any]) -> None:
-                outputs[node.name] = outs
+                def on_output(node: fx.Node, outs: list[Any]) -> None:
+                    outputs[node.name] = outs
 
-            with torch.enable_grad():
-                flat = runner.run([captured.flat_inputs(args, kwargs)], on_site=on_site, on_output=on_output)
-                assert flat is not None
-                losses = loss_fn(captured.unflatten(flat[0]), args, kwargs)
-                if losses.dim() != 1:
-                    raise CalibrationError("loss_fn must return per-sample losses of shape (batch,)")
-                names = list(outputs)
-                grads = torch.autograd.grad(losses.sum(), [outputs[n][0] for n in names], allow_unused=True)
-            total += float(losses.detach().sum())
-            count += losses.shape[0]
-            samples = losses.shape[0]
-            per_site: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-            for name, g in zip(names, grads):
-                site = node_site[name]
-                x = inputs[name][0]
-                grad = torch.zeros_like(outputs[name][0]) if g is None else g.detach()
-                per_site.setdefault(site.name, []).append(
-                    (input_rows(x, site.kind, site.conv), output_rows(grad, site.kind)))
-            for site in sites:
-                pairs = per_site.get(site.name, [])
-                if kind == "token":  # uses in graph order, concatenated
-                    row_weights[site.name].append(torch.cat([d.to(torch.float32).square().sum(dim=1) for _, d in pairs]))
-                else:
-                    for rows, d in pairs:
-                        upd = sample_fisher(rows, d, samples).to(torch.float32)
-                        fishers[site.name] = fishers[site.name].add_(upd) if site.name in fishers else upd
-            del inputs, outputs, grads
+                with torch.enable_grad():
+                    flat = runner.run([captured.flat_inputs(args, kwargs)], on_site=on_site, on_output=on_output)
+                    assert flat is not None
+                    losses = loss_fn(captured.unflatten(flat[0]), args, kwargs)
+                    if losses.dim() != 1:
+                        raise CalibrationError("loss_fn must return per-sample losses of shape (batch,)")
+                    names = list(outputs)
+                    grads = torch.autograd.grad(losses.sum(), [outputs[n][0] for n in names], allow_unused=True)
+                total += float(losses.detach().sum())
+                count += losses.shape[0]
+                samples = losses.shape[0]
+                per_site: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+                for name, g in zip(names, grads):
+                    site = node_site[name]
+                    x = inputs[name][0]
+                    grad = torch.zeros_like(outputs[name][0]) if g is None else g.detach()
+                    per_site.setdefault(site.name, []).append(
+                        (input_rows(x, site.kind, site.conv), output_rows(grad, site.kind)))
+                for site in sites:
+                    pairs = per_site.get(site.name, [])
+                    if kind == "token":
+                        uses = batch_rows[site.name]
+                        while len(uses) < len(pairs):
+                            uses.append([])
+                        for u, (_, d) in enumerate(pairs):
+                            uses[u].append(d.to(torch.float32).square().sum(dim=1))
+                    else:
+                        for rows, d in pairs:
+                            upd = sample_fisher(rows, d, samples).to(torch.float32)
+                            fishers[site.name] = fishers[site.name].add_(upd) if site.name in fishers else upd
+                del inputs, outputs, grads
+            if kind == "token":  # per batch: uses in graph order, each over all its samples
+                for site in sites:
+                    row_weights[site.name].append(torch.cat([torch.cat(parts) for parts in batch_rows[site.name]]))
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)

@@ -145,3 +145,23 @@ def test_diagonal_only_statistics_match_full_diagonals():
         assert torch.allclose(diag[g].mean_hessian(), torch.diag(torch.diagonal(full[g].mean_hessian())), rtol=1e-5)
         for name in full[g].fisher:
             assert torch.allclose(diag[g].mean_fisher(name), torch.diag(torch.diagonal(full[g].mean_fisher(name))), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["token", "sample"])
+def test_micro_batched_backward_equals_whole_batches(kind):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    batches = [{"input_ids": torch.randint(0, 64, (3, 8))} for _ in range(2)]
+    cap, sites = _setup(model, batches[0])
+    norm = [normalize_batch(b, model) for b in batches]
+    rw1, f1, l1 = collect_gradients(cap, sites, norm, kind=kind, micro_batch=1)
+    rw3, f3, l3 = collect_gradients(cap, sites, norm, kind=kind, micro_batch=100)
+    assert l1 == pytest.approx(l3, rel=1e-5)
+    for name in rw3:
+        for a, b in zip(rw1[name], rw3[name]):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-9)
+    for name in f3:
+        assert torch.allclose(f1[name], f3[name], rtol=1e-4, atol=1e-9)
