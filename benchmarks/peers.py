@@ -46,7 +46,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import RESULTS, machine, parse_method, rss_bytes, timed, write_json  # noqa: E402
-from peers_worker import wait_for_quiet_cpu  # noqa: E402  (stdlib only at import time)
+from peers_worker import OthersCPU, contended, wait_for_quiet_cpu  # noqa: E402  (stdlib only at import)
 
 import moonshot_fx  # noqa: E402
 from moonshot_fx import data  # noqa: E402
@@ -141,13 +141,14 @@ def run_ours(label: str, pattern: str, batches: list[Any], ev: torch.Tensor,
     model = load_dense()
     wait = wait_for_quiet_cpu(args.max_wait, log=log) if args.max_wait > 0 else None
     start = rss_bytes()
-    _, wall, peak = timed(lambda: moonshot_fx.sparsify(model, calibration=batches, sparsity=pattern,
-                                                       method=spec.method, progress=False, **spec.kwargs()))
+    with OthersCPU() as others:
+        _, wall, peak = timed(lambda: moonshot_fx.sparsify(model, calibration=batches, sparsity=pattern,
+                                                           method=spec.method, progress=False, **spec.kwargs()))
     report = model.moonshot_report
     t = time.perf_counter()
     q = data.perplexity(model, ev, batch_size=4)
     row = {"quality": q, "prune_seconds": wall, "peak_rss_mb": peak / 2**20, "start_rss_mb": start / 2**20,
-           "eval_seconds": time.perf_counter() - t, "cpu_wait": wait, "alpha": report.alpha,
+           "eval_seconds": time.perf_counter() - t, "cpu_wait": wait, "cpu_during": others.record(), "alpha": report.alpha,
            "sequential": report.sequential, "sparsity": report.overall_sparsity, "sites": len(report.sites),
            "timings": report.timings}
     del model
@@ -177,17 +178,23 @@ def markdown(doc: dict[str, Any]) -> str:
             continue
         pg, og = p["peak_rss_mb"] - p["start_rss_mb"], o["peak_rss_mb"] - o["start_rss_mb"]
         method = r["method"] if r["method"] == r["peer_method"] else f"{r['method']} (vs {r['peer_method']})"
+        pd, od = ("†" if contended(p) else ""), ("†" if contended(o) else "")
         lines.append(
             f"| {r['pattern']} | {method} | {p['quality']:.2f} | {o['quality']:.2f} | "
-            f"{_ratio(o['quality'], p['quality'])} | {p['prune_seconds']:.1f} | {o['prune_seconds']:.1f} | "
+            f"{_ratio(o['quality'], p['quality'])} | {p['prune_seconds']:.1f}{pd} | {o['prune_seconds']:.1f}{od} | "
             f"{_ratio(o['prune_seconds'], p['prune_seconds'])} | {p['peak_rss_mb']:.0f} (+{pg:.0f}) | "
             f"{o['peak_rss_mb']:.0f} (+{og:.0f}) | {_ratio(og, pg)} |")
-    waits = [w for r in doc["pairs"] for side in ("peer", "ours") for w in [(r.get(side) or {}).get("cpu_wait")] if w]
-    timed_out = sum(w["timed_out"] for w in waits)
-    lines += ["", f"Peak RSS is the whole process's, model included; growth: peak minus the RSS just before the "
-              f"pruning call (ours runs in the benchmark's own process, the peer in a fresh worker). Before each timed call the benchmark "
-              f"waited for other processes to drop below 30 % CPU: {len(waits)} waits, "
-              f"{sum(w['waited_s'] for w in waits):.0f} s in all, {timed_out} timed out."]
+    sides = {id(x): x for r in doc["pairs"] for x in (r.get("peer"), r.get("ours")) if x and "error" not in x}
+    waits = [x["cpu_wait"] for x in sides.values() if x.get("cpu_wait")]
+    n_busy = sum(contended(x) for x in sides.values())
+    n_out = sum(w["timed_out"] for w in waits)
+    busy = (f"† marks the {n_busy} timing(s) taken while other processes still used more than 30 % CPU "
+            "(even after the retry)." if n_busy else "No timing ran next to other busy processes.")
+    lines += ["", "Prune time: wall clock of the `oneshot` / `sparsify` call alone. Peak RSS: the whole process, "
+              "model included; growth: peak minus the RSS just before the call (ours runs in the benchmark's "
+              "process, llm-compressor in a fresh worker with its own venv). Before each timed call the "
+              f"benchmark waited for other processes to drop below 30 % CPU ({len(waits)} waits, "
+              f"{sum(w['waited_s'] for w in waits):.0f} s in all, {n_out} timed out). {busy}"]
     return "\n".join(lines)
 
 
@@ -242,39 +249,70 @@ def run(args: argparse.Namespace) -> Path:
     except RuntimeError as exc:
         log(f"dense check in the peer venv failed: {exc}")
 
-    def record(pair: dict[str, Any]) -> None:
-        doc["pairs"].append(pair)
+    peer_res: dict[tuple[str, str], dict[str, Any]] = {}  # (pattern, method) → worker result
+    ours_res: dict[tuple[str, str], dict[str, Any]] = {}  # (pattern, label) → our result
+    order: list[tuple[str, str, str]] = []  # (pattern, label, peer method)
+
+    def save() -> None:
+        doc["pairs"] = [{"pattern": pt, "method": lb, "peer_method": pm, "peer": peer_res.get((pt, pm)),
+                         "ours": ours_res.get((pt, lb))} for pt, lb, pm in order]
         doc["markdown"] = markdown(doc)
         write_json(out_path, doc)
 
+    def peer(pattern: str, method: str) -> dict[str, Any]:
+        log(f"{pattern} {method}: llm-compressor {PEER_NAMES[method]}")
+        try:
+            return run_peer(method, pattern, args, calib_path, eval_path)
+        except RuntimeError as exc:
+            log(str(exc))
+            return {"error": str(exc)[:500]}
+
+    def ours(pattern: str, label: str) -> dict[str, Any]:
+        log(f"{pattern} {label}: moonshot-fx")
+        try:
+            return run_ours(label, pattern, batches, ev, args)
+        except moonshot_fx.MoonshotError as exc:
+            return {"error": str(exc)[:500]}
+
     for pattern in args.patterns:
-        peers: dict[str, dict[str, Any]] = {}
         for method in args.methods:
-            log(f"{pattern} {method}: llm-compressor {PEER_NAMES[method]}")
-            try:
-                peers[method] = run_peer(method, pattern, args, calib_path, eval_path)
-            except RuntimeError as exc:
-                log(str(exc))
-                peers[method] = {"error": str(exc)[:500]}
-            log(f"{pattern} {method}: moonshot-fx")
-            try:
-                ours = run_ours(method, pattern, batches, ev, args)
-            except moonshot_fx.MoonshotError as exc:
-                ours = {"error": str(exc)[:500]}
-            record({"pattern": pattern, "method": method, "peer_method": method, "peer": peers[method], "ours": ours})
+            order.append((pattern, method, method))
+            peer_res[pattern, method] = peer(pattern, method)
+            ours_res[pattern, method] = ours(pattern, method)
+            save()
             _print_pair(doc["pairs"][-1])
         for label in args.ours_extra:
-            base = parse_method(label).kwargs().get("base", parse_method(label).method)
-            if base not in peers:
+            spec = parse_method(label)
+            base = spec.kwargs().get("base", spec.method)
+            if (pattern, base) not in peer_res:
                 log(f"{label}: no llm-compressor {base} row in this run to compare with; skipped")
                 continue
-            log(f"{pattern} {label}: moonshot-fx")
-            try:
-                ours = run_ours(label, pattern, batches, ev, args)
-            except moonshot_fx.MoonshotError as exc:
-                ours = {"error": str(exc)[:500]}
-            record({"pattern": pattern, "method": label, "peer_method": base, "peer": peers[base], "ours": ours})
+            order.append((pattern, label, base))
+            ours_res[pattern, label] = ours(pattern, label)
+            save()
             _print_pair(doc["pairs"][-1])
+
+    # Timings taken next to other work are redone once at the end (the pair back to back again);
+    # the less disturbed attempt is kept, the other stays in the JSON under "other_attempt".
+    def keep_better(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+        def load(r: dict[str, Any]) -> float:
+            return (1e6 if "error" in r else 0.0) + (1e3 if (r.get("cpu_wait") or {}).get("timed_out") else 0.0) \
+                + (r.get("cpu_during") or {}).get("others_cpu_percent", 0.0)
+        best, other = (new, old) if load(new) <= load(old) else (old, new)
+        return {**best, "other_attempt": {k: v for k, v in other.items() if k != "other_attempt"}}
+
+    for _ in range(args.retries):
+        redo = [(pt, lb, pm) for pt, lb, pm in order
+                if contended(ours_res[pt, lb]) or (lb == pm and contended(peer_res[pt, pm]))]
+        if not redo:
+            break
+        log(f"redoing {len(redo)} timing(s) taken while other processes were busy")
+        for pt, lb, pm in redo:
+            if lb == pm:
+                peer_res[pt, pm] = keep_better(peer_res[pt, pm], peer(pt, pm))
+            ours_res[pt, lb] = keep_better(ours_res[pt, lb], ours(pt, lb))
+            save()
+            _print_pair(next(r for r in doc["pairs"] if (r["pattern"], r["method"]) == (pt, lb)))
     doc["markdown"] = markdown(doc)
     write_json(out_path, doc)
     print()
@@ -305,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", nargs="+", default=["sparsegpt", "wanda"], choices=sorted(PEER_NAMES))
     p.add_argument("--ours-extra", nargs="*", default=["moonshot-sparsegpt"],
                    help="more of our methods, compared with the peer row of their base pruner")
+    p.add_argument("--retries", type=int, default=1,
+                   help="redo pairs timed next to other busy processes this many times at the end")
     p.add_argument("--max-wait", type=float, default=1200.0,
                    help="longest wait (s) for other processes to go quiet before a timed call; 0: no wait")
     args = p.parse_args(argv)

@@ -10,7 +10,8 @@ samples its peak RSS (``common.timed``, the same sampler as our side), then meas
 the evaluation windows with the formula of ``moonshot_fx.data.perplexity`` (exp of the mean
 next-token NLL over all windows, ``use_cache=False``). ``--method dense`` only evaluates.
 
-``wait_for_quiet_cpu`` is also used by ``peers.py`` (it imports only the standard library).
+``wait_for_quiet_cpu``, ``OthersCPU`` and ``contended`` are also used by ``peers.py`` (this module
+imports only the standard library at import time).
 """
 from __future__ import annotations
 
@@ -99,6 +100,44 @@ def wait_for_quiet_cpu(max_wait: float = 1200.0, poll: float = 15.0, threshold: 
         time.sleep(max(0.0, poll - 5.0))
 
 
+class OthersCPU:
+    """Context manager: CPU used by processes outside our tree while the block ran, in % of one core
+    (``.percent``; 200 on 2 cores means another process kept both busy). Processes that started
+    during the block count with all their CPU time; ones that ended during it are missed."""
+
+    def __enter__(self) -> "OthersCPU":
+        self._a = _ps_cpu_seconds()
+        self._t = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        b = _ps_cpu_seconds()
+        dt = max(time.monotonic() - self._t, 1e-9)
+        own = _own_tree(b)
+        used: dict[int, float] = {}
+        for pid, (_, cpu, args) in b.items():
+            if pid in own:
+                continue
+            d = cpu - self._a[pid][1] if pid in self._a else cpu
+            if d > 0:
+                used[pid] = d
+        self.percent = round(100.0 * sum(used.values()) / dt, 1)
+        top = sorted(used, key=used.get, reverse=True)[:3]
+        self.top = [{"pid": pid, "cpu_percent": round(100.0 * used[pid] / dt), "args": b[pid][2][:120]}
+                    for pid in top if 100.0 * used[pid] / dt >= 5]
+
+    def record(self) -> dict[str, Any]:
+        return {"others_cpu_percent": self.percent, "others_top": self.top}
+
+
+def contended(side: dict[str, Any], threshold: float = 30.0) -> bool:
+    """True when a timed call ran next to other work: its quiet-CPU wait timed out, or other
+    processes used more than ``threshold`` % CPU during it."""
+    wait = side.get("cpu_wait") or {}
+    during = side.get("cpu_during") or {}
+    return bool(wait.get("timed_out")) or during.get("others_cpu_percent", 0.0) > threshold
+
+
 def perplexity(model: Any, windows: Any, batch_size: int = 4) -> float:
     """Same formula as moonshot_fx.data.perplexity: exp(mean next-token NLL), use_cache=False."""
     import torch
@@ -184,10 +223,11 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, AttributeError):
             pass
         res["start_rss_mb"] = rss_bytes() / 2**20
-        _, wall, peak = timed(lambda: oneshot(model=model, processor=tok, dataset=ds, recipe=modifier,
-                                              num_calibration_samples=n, max_seq_length=seqlen,
-                                              batch_size=args.batch, shuffle_calibration_samples=False))
-        res.update(prune_seconds=wall, peak_rss_mb=peak / 2**20)
+        with OthersCPU() as others:
+            _, wall, peak = timed(lambda: oneshot(model=model, processor=tok, dataset=ds, recipe=modifier,
+                                                  num_calibration_samples=n, max_seq_length=seqlen,
+                                                  batch_size=args.batch, shuffle_calibration_samples=False))
+        res.update(prune_seconds=wall, peak_rss_mb=peak / 2**20, cpu_during=others.record())
         log(f"llm-compressor {args.method} {args.sparsity}: oneshot {wall:.1f}s, peak RSS {peak / 2**20:.0f} MB")
     res["linear_sparsity"] = linear_sparsity(model)
     t = time.perf_counter()
