@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 import warnings
 
 import numpy as np
@@ -171,6 +172,37 @@ def test_onnx_failed_verification_leaves_no_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     report = moonshot_fx.export_onnx(model, torch.randn(2, 16), out, optimized_path=opt, verify=False)
     assert not report.ok and out.exists() and opt.exists()
+
+
+@needs_onnx
+def test_onnx_tied_embedding_with_stray_zeros_is_not_a_pruned_weight():
+    """SmolLM2's embedding (tied to lm_head) holds a few exact zeros; it must not be checked
+    against the 2:4 pattern: the pruning report names the pruned weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:5, :3] = 0.0  # stray zeros, no pattern
+    ids = torch.randint(0, 128, (2, 8))
+    moonshot_fx.sparsify(model, {"input_ids": ids}, sparsity="2:4", method="magnitude", progress=False)
+    params = onnx_backend._pruned_params(model)
+    assert len(params) == 7 and not any("embed" in n or "lm_head" in n for n in params)
+    # without a report: only weights with a substantial zero fraction count
+    del model.moonshot_report
+    assert sorted(onnx_backend._pruned_params(model)) == sorted(params)
+
+
+def test_onnx_tolerance_scales_with_the_outputs():
+    r = onnx_backend._empty_report(Path("x.onnx"))
+    r.max_abs_diff = r.example_max_abs_diff = r.optimized_max_abs_diff = 1.5e-4
+    assert r.tolerance == pytest.approx(1e-4) and not r.ok  # outputs of size ~0: absolute bound
+    r.output_scale = 30.0  # LM logits: fp32 rounding after many layers
+    assert r.tolerance == pytest.approx(1e-4 + 3e-4) and r.ok
+    r.rtol = 0.0
+    assert not r.ok
 
 
 @needs_onnx

@@ -4,7 +4,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.passes.calibrate import collect_gradients, collect_hessians
 from moonshot_fx.passes.capture import capture, normalize_batch
 from moonshot_fx.passes.discover import find_sites

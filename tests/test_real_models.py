@@ -1,6 +1,5 @@
 """Quality orderings on real pretrained models (stories260K, CIFAR ResNet-20)."""
 import pytest
-import torch
 
 import moonshot_fx
 from moonshot_fx import check_pattern
