@@ -60,12 +60,30 @@ def generic_table(doc: dict[str, Any]) -> str:
     return "```\n" + json.dumps(doc, indent=1)[:2000] + "\n```"
 
 
+#: section order and titles of the result files (others follow alphabetically under their name)
+TITLES = {
+    "quality_smollm2": "SmolLM2-135M: quality, all methods",
+    "peers_smollm2": "SmolLM2-135M: against llm-compressor",
+    "speed_smollm2": "SmolLM2-135M: pruning time and memory, ratios to SparseGPT",
+    "quality_resnet20": "ResNet-20 (CIFAR-10): top-1",
+    "quality_resnet56": "ResNet-56 (CIFAR-10): top-1",
+    "deploy": "Deployment: ONNX Runtime parity and file sizes",
+}
+
+
+def _order(path: Path) -> tuple[int, str]:
+    keys = list(TITLES)
+    return (keys.index(path.stem) if path.stem in keys else len(keys), path.name)
+
+
 def render_all() -> str:
     """Write results/RESULTS.md and the README section; returns the markdown."""
     parts = []
-    for path in sorted(RESULTS.glob("*.json")):
+    for path in sorted(RESULTS.glob("*.json"), key=_order):
         doc = json.loads(path.read_text())
-        parts.append(f"### {path.name}\n\n" + (quality_table(doc) if "rows" in doc and "dense" in doc else generic_table(doc)))
+        title = TITLES.get(path.stem, path.stem)
+        body = quality_table(doc) if "rows" in doc and "dense" in doc else generic_table(doc)
+        parts.append(f"### {title}\n\n_{path.name}_\n\n{body}")
     md = "\n\n".join(parts) if parts else "_No results yet: run the benchmarks._"
     write_text(RESULTS / "RESULTS.md", md + "\n")
     if README.exists():

@@ -20,7 +20,8 @@ from .config import SparsifyConfig
 from .errors import CalibrationError, ConfigError, PatternError
 from .masks import check_pattern
 from .passes.apply import write_weights
-from .passes.calibrate import LossFn, collect_gradients, collect_hessians, default_loss, group_sites, needs_diagonal_only
+from .passes.calibrate import (LossFn, collect_gradients, collect_hessians, default_loss, group_sites,
+                               is_label_free_classifier, needs_diagonal_only, output_logits)
 from .passes.capture import CapturedGraph, capture, iter_batches, normalize_batch
 from .passes.discover import Site, find_sites, select_sites
 from .passes.norm_recalibration import recalibrate_batchnorm
@@ -252,17 +253,43 @@ def _prune_all(model: nn.Module, sites: list[Site], stats: dict[str, Any], cfg: 
     return out
 
 
-def held_out_loss(captured: CapturedGraph, sites: list[Site], norm: list[Any], weights: dict[str, torch.Tensor],
-                  loss_fn: LossFn | None) -> float:
-    """Mean per-sample loss of the model with ``weights`` substituted, over ``norm`` batches."""
-    runner = GraphRunner(captured, sites, weights=weights)
-    fn = loss_fn or default_loss
-    total, count = 0.0, 0
+def dense_soft_targets(captured: CapturedGraph, sites: list[Site], norm: list[Any]) -> list[torch.Tensor] | None:
+    """The dense model's class probabilities on ``norm`` when it is a classifier scored without
+    labels (else None): the reference :func:`held_out_loss` compares a pruned model against."""
+    runner = GraphRunner(captured, sites, weights={})
+    targets = []
     with torch.no_grad():
         for args, kwargs in norm:
             flat = runner.run([captured.flat_inputs(args, kwargs)])
             assert flat is not None
-            losses = fn(captured.unflatten(flat[0]), args, kwargs)
+            out = captured.unflatten(flat[0])
+            if not is_label_free_classifier(out, kwargs):
+                return None
+            targets.append(torch.softmax(output_logits(out).float(), dim=-1))
+    return targets
+
+
+def held_out_loss(captured: CapturedGraph, sites: list[Site], norm: list[Any], weights: dict[str, torch.Tensor],
+                  loss_fn: LossFn | None, soft_targets: list[torch.Tensor] | None = None) -> float:
+    """Mean per-sample loss of the model with ``weights`` substituted, over ``norm`` batches.
+
+    With ``soft_targets`` (one per batch, from :func:`dense_soft_targets`) the loss is the
+    cross-entropy against the dense model's probabilities — how far the pruned classifier's
+    predictions moved (KL to the dense model plus a constant). Scoring a label-free classifier
+    against its *own* argmax instead would reward confident models, not faithful ones.
+    """
+    runner = GraphRunner(captured, sites, weights=weights)
+    fn = loss_fn or default_loss
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, (args, kwargs) in enumerate(norm):
+            flat = runner.run([captured.flat_inputs(args, kwargs)])
+            assert flat is not None
+            out = captured.unflatten(flat[0])
+            if soft_targets is not None:
+                losses = torch.nn.functional.cross_entropy(output_logits(out).float(), soft_targets[i], reduction="none")
+            else:
+                losses = fn(out, args, kwargs)
             total += float(losses.sum())
             count += losses.shape[0]
     return total / max(1, count)
@@ -283,10 +310,11 @@ def choose_alpha(model: nn.Module, captured: CapturedGraph, sites: list[Site], n
     flat_fit = [captured.flat_inputs(*norm[i]) for i in fit_idx]
     rw = {k: [v[i] for i in fit_idx] for k, v in row_weights.items()} if row_weights else None
     stats = collect_hessians(captured, sites, flat_fit, row_weights=rw, diagonal_only=needs_diagonal_only(cfg))
+    targets = dense_soft_targets(captured, sites, held) if loss_fn is None else None
     scores: dict[float, float] = {}
     for a in _progress(progress, "alpha search", len(cfg.alpha_grid))(list(cfg.alpha_grid)):
         res = _prune_all(model, sites, stats, cfg, sample_fishers, a, progress=False)
-        loss = held_out_loss(captured, sites, held, {k: r.weight for k, r in res.items()}, loss_fn)
+        loss = held_out_loss(captured, sites, held, {k: r.weight for k, r in res.items()}, loss_fn, targets)
         scores[a] = loss if math.isfinite(loss) else float("inf")
         log.info("alpha=%.3g held-out loss %.4f", a, scores[a])
     best = min(scores, key=lambda a: (scores[a], -a))

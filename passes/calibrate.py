@@ -128,16 +128,27 @@ def split_batch(args: tuple[Any, ...], kwargs: dict[str, Any], size: int) -> lis
     return out
 
 
-def default_loss(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    """Per-sample losses ``(B,)``: LM next-token cross-entropy (mean over a sample's tokens) when
-    the output has logits over a sequence and ``input_ids`` are given; otherwise classifier
-    cross-entropy on the dense model's own predictions (no labels needed), or on ``labels``
-    when the batch carries them."""
+def output_logits(output: Any) -> torch.Tensor:
+    """The logits of a model output: ``.logits`` (HF), the first element of a tuple, or the tensor."""
     logits = getattr(output, "logits", None)
     if logits is None:
         logits = output[0] if isinstance(output, (tuple, list)) else output
     if not isinstance(logits, torch.Tensor):
         raise CalibrationError("cannot find logits in the model output; pass loss_fn=(output, args, kwargs) -> (B,) losses.")
+    return logits
+
+
+def is_label_free_classifier(output: Any, kwargs: dict[str, Any]) -> bool:
+    """True when :func:`default_loss` would score a classifier against its own predictions."""
+    return output_logits(output).dim() == 2 and kwargs.get("labels") is None
+
+
+def default_loss(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """Per-sample losses ``(B,)``: LM next-token cross-entropy (mean over a sample's tokens) when
+    the output has logits over a sequence and ``input_ids`` are given; otherwise classifier
+    cross-entropy on the dense model's own predictions (no labels needed), or on ``labels``
+    when the batch carries them."""
+    logits = output_logits(output)
     ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point() else None)
     if logits.dim() == 3 and ids is not None:
         labels = kwargs.get("labels", ids)

@@ -164,3 +164,44 @@ def test_micro_batched_backward_equals_whole_batches(kind):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-9)
     for name in f3:
         assert torch.allclose(f1[name], f3[name], rtol=1e-4, atol=1e-9)
+
+
+def test_held_out_loss_scores_a_label_free_classifier_against_the_dense_model():
+    """Choosing α must reward faithful pruned classifiers, not confident ones: a copy whose head is
+    sharpened (same argmax, more confident) scores *worse* than the dense model, and the dense
+    model scores exactly the entropy of its own predictions (the minimum of the cross-entropy)."""
+    from moonshot_fx.api import dense_soft_targets, held_out_loss
+
+    torch.manual_seed(0)
+    model = TinyConv().eval()
+    batch = torch.randn(16, 3, 8, 8)
+    cap, sites = _setup(model, batch)
+    norm = [normalize_batch(batch, model)]
+    targets = dense_soft_targets(cap, sites, norm)
+    assert targets is not None and targets[0].shape == (16, 4)
+    dense = held_out_loss(cap, sites, norm, {}, None, targets)
+    p = targets[0]
+    entropy = float(-(p * p.log()).sum(dim=1).mean())
+    assert dense == pytest.approx(entropy, rel=1e-5)
+    sharp = {"fc.weight": model.fc.weight.detach() * 4}
+    assert held_out_loss(cap, sites, norm, sharp, None, targets) > dense + 1e-3
+    # the old criterion (cross-entropy on the model's own argmax) would prefer the sharpened copy
+    assert held_out_loss(cap, sites, norm, sharp, None) < held_out_loss(cap, sites, norm, {}, None)
+    # LMs (3-D logits with input ids) have real targets: no soft targets are made
+    assert dense_soft_targets(*_setup(TinySeq().eval(), torch.randn(2, 4, 8))[0:2],
+                              [normalize_batch(torch.randn(2, 4, 8), TinySeq())]) is None
+
+
+def test_alpha_auto_picks_the_grid_point_with_the_lowest_held_out_loss():
+    import moonshot_fx
+
+    torch.manual_seed(0)
+    model = TinyConv().eval()
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(8)]
+    moonshot_fx.sparsify(model, calibration=calib, sparsity=0.5, method="moonshot", alpha="auto",
+                         alpha_grid=(0.0, 0.5, 1.0), prune_head=True, progress=False)
+    rep = model.moonshot_report
+    scores = {float(k): v for k, v in rep.alpha_search.items()}
+    assert sorted(scores) == [0.0, 0.5, 1.0] and rep.alpha in scores
+    assert scores[rep.alpha] == min(scores.values())
+    assert "alpha_search" in rep.timings and "gradients" in rep.timings
