@@ -19,6 +19,7 @@ Settings (documented defaults):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -75,6 +76,14 @@ def run(args: argparse.Namespace) -> Path:
     out_path = RESULTS / f"{args.prefix}_{args.model}.json"
     doc: dict[str, Any] = {"model": args.model, "settings": settings, "machine": machine(),
                            "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
+    if args.append and out_path.exists():
+        old = json.loads(out_path.read_text())
+        if old.get("settings") != settings:
+            raise SystemExit(f"--append: {out_path} was measured with other settings {old.get('settings')}")
+        redo = {(p, m) for p in args.patterns for m in args.methods}
+        doc["rows"] = [r for r in old["rows"] if (r["pattern"], r["method"]) not in redo]
+        doc["command"] = f"{old['command']} + (appended) {doc['command']}"
+        doc["runs"] = old.get("runs", 1) + 1
     t = time.perf_counter()
     dense_q = evaluate(model)
     doc["dense"] = {"quality": dense_q, "eval_seconds": time.perf_counter() - t}
@@ -93,7 +102,7 @@ def run(args: argparse.Namespace) -> Path:
                 continue
             report = model.moonshot_report
             q = evaluate(model)
-            row = {"pattern": pattern, "method": label, "quality": q, "prune_seconds": wall,
+            row = {"pattern": pattern, "method": label, "run": doc.get("runs", 1), "quality": q, "prune_seconds": wall,
                    "peak_rss_mb": peak / 2**20, "timings": report.timings, "alpha": report.alpha,
                    "alpha_search": report.alpha_search, "sequential": report.sequential,
                    "sparsity": report.overall_sparsity, "sites": len(report.sites)}
@@ -124,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sequential", choices=["on", "off"], default=None)
     p.add_argument("--prefix", default="quality")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows of an existing result file with the same settings (rows of this run's "
+                        "patterns × methods are replaced); time ratios across runs are then not comparable")
     args = p.parse_args(argv)
     if args.patterns is None:
         args.patterns = ["0.7", "0.9"] if args.model.startswith("resnet") else ["2:4", "0.5"]

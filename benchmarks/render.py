@@ -39,7 +39,8 @@ def quality_table(doc: dict[str, Any]) -> str:
     by_key = {(r["pattern"], r["method"]): r for r in rows}
     for r in rows:
         ref = by_key.get((r["pattern"], "sparsegpt"))
-        t_ratio = f"{r['prune_seconds'] / ref['prune_seconds']:.2f}×" if ref else "–"
+        same_run = ref is not None and ref.get("run", 1) == r.get("run", 1)
+        t_ratio = f"{r['prune_seconds'] / ref['prune_seconds']:.2f}×" if same_run else "– (other run)" if ref else "–"
         base = _base_of(r["method"])
         vs = "–"
         if base and (r["pattern"], base) in by_key:
