@@ -1,7 +1,7 @@
 """Pruning speed and memory per method, side by side in one process, as ratios to SparseGPT.
 
     python benchmarks/speed.py --model smollm2 --pattern 2:4 \
-        --methods sparsegpt magnitude wanda optima moonshot-sparsegpt moonshot-wanda
+        --methods sparsegpt magnitude wanda optima moonshot-sparsegpt moonshot-wanda moonshot-optima
 
 Every method prunes a freshly restored dense model with the same calibration batches (SmolLM2:
 ``--calib-windows`` × 512 tokens of wikitext2_valid, seed 0). For MOONSHOT the backward pass that
@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="smollm2", choices=["smollm2", "stories260k", "resnet20", "resnet56"])
     p.add_argument("--pattern", default="2:4")
     p.add_argument("--methods", nargs="+", default=["sparsegpt", "magnitude", "wanda", "optima",
-                                                     "moonshot-sparsegpt", "moonshot-wanda"])
+                                                     "moonshot-sparsegpt", "moonshot-wanda", "moonshot-optima"])
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument("--eval-windows", type=int, default=1)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--calib-images", type=int, default=1000)
     p.add_argument("--test-images", type=int, default=100)
     args = p.parse_args(argv)
