@@ -25,14 +25,21 @@ def _base_of(label: str) -> str | None:
     return parts[1] + suffix if parts[0] == "moonshot" and len(parts) > 1 else None
 
 
+def _first_command(doc: dict[str, Any]) -> str:
+    """The first command of a result file; appended runs are counted (all commands are in the JSON)."""
+    parts = [c.strip() for c in doc["command"].replace(" ; ", " + (appended) ").split(" + (appended) ")]
+    return parts[0] + (f"` + {len(parts) - 1} appended run(s): commands in the JSON; `" if len(parts) > 1 else "")
+
+
 def quality_table(doc: dict[str, Any]) -> str:
     metric = doc["settings"]["metric"]
     better_low = metric == "perplexity"
     lines = [f"**{doc['model']}** — {doc['settings']['calibration']}; {doc['settings']['evaluation']}; "
-             f"dense {metric} **{doc['dense']['quality']:.2f}** ({doc['date']}, `{doc['command']}`)", "",
+             f"dense {metric} **{doc['dense']['quality']:.2f}** ({doc['date']}, `{_first_command(doc)}`)".replace("; ``", ""), "",
              f"| pattern | method | {metric} | vs base pruner | prune time (s) | time ÷ SparseGPT | peak RSS (MB) |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    rows = [r for r in doc["rows"] if "error" not in r]
+    order = list(dict.fromkeys(r["pattern"] for r in doc["rows"]))
+    rows = sorted((r for r in doc["rows"] if "error" not in r), key=lambda r: order.index(r["pattern"]))
     for r in doc["rows"]:
         if "error" in r:
             lines.append(f"| {r['pattern']} | {r['method']} | failed: {r['error'][:60]} | | | | |")
