@@ -528,9 +528,9 @@ def _pruned_params(model: nn.Module) -> dict[str, np.ndarray]:
     """Parameters to check: the sites of ``model.moonshot_report`` (left by ``sparsify``) when
     present, else every >=2-D float parameter with at least ``PRUNED_ZERO_FRACTION`` zeros."""
     report = getattr(model, "moonshot_report", None)
-    named = dict(model.named_parameters(remove_duplicate=False))
     out = {}
     if report is not None and getattr(report, "sites", None):
+        named = dict(model.named_parameters(remove_duplicate=False))
         for site in report.sites:
             p = named.get(site.name)
             if p is not None and bool((p == 0).any()):
@@ -809,7 +809,6 @@ def export_onnx(
         # parity
         with torch.no_grad():
             ex_diff = _max_diff(sess, names, flat, ref_example)
-            scale = _max_abs(ref_example)
             fresh_diff = opt_diff = None
             verify_shapes: dict[str, list[int]] = {}
             for cand in _candidate_inputs(flat, sym, seed):
@@ -827,7 +826,6 @@ def export_onnx(
                         f"ONNX Runtime failed on fresh inputs of shapes {[list(c.shape) for c in cand]} "
                         f"that eager PyTorch accepts: {type(e).__name__}: {e}", _empty_report(final)) from e
                 verify_shapes = {n: list(c.shape) for n, c in zip(names, cand)}
-                scale = max(scale, _max_abs(ref))
                 break
             if fresh_diff is None:  # no dynamic dimension, or none the model accepts: reuse shapes
                 gen = torch.Generator().manual_seed(seed)
@@ -836,7 +834,7 @@ def export_onnx(
                 fresh_diff = _max_diff(sess, names, cand, ref)
                 opt_diff = _max_diff(opt_sess, names, cand, ref)
                 verify_shapes = {n: list(c.shape) for n, c in zip(names, cand)}
-                scale = max(scale, _max_abs(ref))
+            scale = max(_max_abs(ref_example), _max_abs(ref))  # ref: the fresh-shape reference
         providers = list(sess.get_providers())
         del sess, opt_sess
 

@@ -26,6 +26,7 @@ from common import RESULTS, machine, write_json  # noqa: E402
 
 import moonshot_fx  # noqa: E402
 from moonshot_fx import data  # noqa: E402
+from moonshot_fx.backends.onnx import InitializerCheck, OnnxReport  # noqa: E402
 
 
 def _resnet20(folder: Path) -> tuple[Any, str]:
@@ -54,24 +55,25 @@ MODELS = {"resnet20": ("ResNet-20 (CIFAR-10), SparseGPT 2:4", _resnet20),
           "smollm2": ("SmolLM2-135M, magnitude 2:4", _smollm2)}
 
 
+def _report(d: dict[str, Any]) -> OnnxReport:
+    """An :class:`OnnxReport` back from its ``to_dict`` form (for its derived properties)."""
+    return OnnxReport(**{**d, "checks": [InitializerCheck(**c) for c in d["checks"]]})
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["**Deployment: ONNX export checked by ONNX Runtime** (`python benchmarks/deploy.py`; CPU "
              "execution provider, ORT-optimised at level `extended`)", "",
              "| model | fresh input shapes | max abs diff (ORT vs eager) | tolerance | pruned weights located / zeros kept / 2:4 valid | .onnx MB | ORT-optimised MB |",
              "|---|---|---:|---:|---|---:|---:|"]
     for r in rows:
-        rep = r["report"]
-        n = len({c["param"] for c in rep["checks"]})
-        found = sum(1 for c in rep["checks"] if c["stage"] == "optimized" and c["layout"] != "not found")
-        zeros = all(c["zeros_preserved"] is not False for c in rep["checks"])
-        pat = all(c["pattern_ok"] is not False for c in rep["checks"])
-        shapes = ", ".join(f"{k} {v}" for k, v in rep["verify_shapes"].items())
-        diff = max(d for d in (rep["max_abs_diff"], rep["example_max_abs_diff"], rep["optimized_max_abs_diff"])
-                   if d is not None)
-        tol = rep["atol"] + rep["rtol"] * rep["output_scale"]
-        lines.append(f"| {r['label']} | {shapes} | {diff:.2g} | {tol:.2g} (max output {rep['output_scale']:.3g}) | "
-                     f"{found}/{n} / {'yes' if zeros else 'NO'} / {'yes' if pat else 'NO'} | "
-                     f"{rep['size_bytes'] / 1e6:.1f} | {(rep['optimized_size_bytes'] or 0) / 1e6:.1f} |")
+        rep = _report(r["report"])
+        n = len(rep.pruned_params)
+        found = n - len(rep.not_found.get("optimized", []))
+        shapes = ", ".join(f"{k} {v}" for k, v in rep.verify_shapes.items())
+        diff = max(d for d in (rep.max_abs_diff, rep.example_max_abs_diff, rep.optimized_max_abs_diff) if d is not None)
+        lines.append(f"| {r['label']} | {shapes} | {diff:.2g} | {rep.tolerance:.2g} (max output {rep.output_scale:.3g}) | "
+                     f"{found}/{n} / {'yes' if rep.zeros_ok else 'NO'} / {'yes' if rep.patterns_ok else 'NO'} | "
+                     f"{rep.size_bytes / 1e6:.1f} | {(rep.optimized_size_bytes or 0) / 1e6:.1f} |")
     lines += ["", "ONNX stores the pruned weights densely (same file size as dense); the zeros pay off in a "
               "sparse runtime: `export_onnx(..., tensorrt_config_path=...)` writes TensorRT execution-provider "
               "options with `trt_sparsity_enable`, and `moonshot_fx.to_semi_structured` gives torch 2:4 "

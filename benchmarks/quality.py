@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, parse_method, timed, write_json  # noqa: E402
 

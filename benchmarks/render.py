@@ -25,17 +25,18 @@ def _base_of(label: str) -> str | None:
     return parts[1] + suffix if parts[0] == "moonshot" and len(parts) > 1 else None
 
 
-def _first_command(doc: dict[str, Any]) -> str:
-    """The first command of a result file; appended runs are counted (all commands are in the JSON)."""
-    parts = [c.strip() for c in doc["command"].replace(" ; ", " + (appended) ").split(" + (appended) ")]
-    return parts[0] + (f"` + {len(parts) - 1} appended run(s): commands in the JSON; `" if len(parts) > 1 else "")
+def _command_note(doc: dict[str, Any]) -> str:
+    """The first command of a result file in backticks, and how many runs ``--append`` added
+    (``quality.py`` joins their commands with ``" + (appended) "``; all are in the JSON)."""
+    first, *more = doc["command"].split(" + (appended) ")
+    return f"`{first}`" + (f" + {len(more)} appended run(s): commands in the JSON" if more else "")
 
 
 def quality_table(doc: dict[str, Any]) -> str:
     metric = doc["settings"]["metric"]
     better_low = metric == "perplexity"
     lines = [f"**{doc['model']}** — {doc['settings']['calibration']}; {doc['settings']['evaluation']}; "
-             f"dense {metric} **{doc['dense']['quality']:.2f}** ({doc['date']}, `{_first_command(doc)}`)".replace("; ``", ""), "",
+             f"dense {metric} **{doc['dense']['quality']:.2f}** ({doc['date']}, {_command_note(doc)})", "",
              f"| pattern | method | {metric} | vs base pruner | prune time (s) | time ÷ SparseGPT | peak RSS (MB) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     order = list(dict.fromkeys(r["pattern"] for r in doc["rows"]))

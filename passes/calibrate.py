@@ -219,13 +219,11 @@ def collect_gradients(
                 total += float(losses.detach().sum())
                 count += losses.shape[0]
                 samples = losses.shape[0]
-                per_site: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+                per_site: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # site -> (input, δ rows) per use
                 for name, g in zip(names, grads):
                     site = node_site[name]
-                    x = inputs[name][0]
                     grad = torch.zeros_like(outputs[name][0]) if g is None else g.detach()
-                    per_site.setdefault(site.name, []).append(
-                        (input_rows(x, site.kind, site.conv), output_rows(grad, site.kind)))
+                    per_site.setdefault(site.name, []).append((inputs[name][0], output_rows(grad, site.kind)))
                 for site in sites:
                     pairs = per_site.get(site.name, [])
                     if kind == "token":
@@ -235,8 +233,8 @@ def collect_gradients(
                         for u, (_, d) in enumerate(pairs):
                             uses[u].append(d.to(torch.float32).square().sum(dim=1))
                     else:
-                        for rows, d in pairs:
-                            upd = sample_fisher(rows, d, samples).to(torch.float32)
+                        for x, d in pairs:
+                            upd = sample_fisher(input_rows(x, site.kind, site.conv), d, samples).to(torch.float32)
                             fishers[site.name] = fishers[site.name].add_(upd) if site.name in fishers else upd
                 del inputs, outputs, grads
             if kind == "token":  # per batch: uses in graph order, each over all its samples
