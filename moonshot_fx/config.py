@@ -109,6 +109,10 @@ class SparsifyConfig:
         overrides: per-site patterns, ``{glob: pattern}``; the first matching glob applies.
         sequential: prune in graph order, each site calibrated on already-pruned inputs.
             ``None`` chooses: on for models with 8+ sites.
+        sequential_unit: what sequential mode prunes at once: ``"block"`` (every group of a
+            repeated block — decoder layer, residual block — calibrated on the block's inputs with
+            its own weights dense, as SparseGPT and llm-compressor do) or ``"group"`` (each input
+            group as soon as its statistics are complete, "true sequential").
         dampening: relative dampening λ added as λ·mean(diag H) to the Hessian diagonal.
         blocksize: SparseGPT column block size (lazy batch updates).
         device: where the pruning maths runs (defaults to the weight's device).
@@ -127,6 +131,7 @@ class SparsifyConfig:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     overrides: Mapping[str, PatternLike] = field(default_factory=dict)
     sequential: Union[bool, None] = None
+    sequential_unit: str = "group"
     dampening: float = 0.01
     blocksize: int = 128
     device: Union[str, None] = None
@@ -154,6 +159,8 @@ class SparsifyConfig:
             raise ConfigError(f"alpha={self.alpha} is outside [0, 1].")
         if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
             raise ConfigError(f"alpha_grid {self.alpha_grid} must be non-empty values in [0, 1].")
+        if self.sequential_unit not in ("block", "group"):
+            raise ConfigError(f"unknown sequential_unit {self.sequential_unit!r}: choose 'block' or 'group'.")
         if not self.dampening > 0:
             raise ConfigError(f"dampening must be > 0, got {self.dampening}")
         if self.blocksize < 1:

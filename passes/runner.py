@@ -37,6 +37,7 @@ class GraphRunner:
         self.sites = list(sites)
         self.weights = weights if weights is not None else {}
         nodes = list(self.gm.graph.nodes)
+        self.nodes = nodes
         by_name = {n.name: n for n in nodes}
         self.site_of_node = {by_name[name]: s for s in self.sites for name in s.nodes}
         self._get_attr_names = self._attr_aliases()
@@ -94,24 +95,46 @@ class GraphRunner:
         on_output: Callable[[fx.Node, list[Any]], None] | None = None,
     ) -> list[Any] | None:
         """Run every batch; returns per-batch flat outputs (None when stopped early)."""
-        env: dict[fx.Node, list[Any]] = {}
-        nb = len(flat_batches)
-        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-        for i, n in enumerate(placeholders):
-            env[n] = [fb[i] if i < len(fb) else None for fb in flat_batches]
+        env = self.start(flat_batches)
+        out, _ = self.advance(env, len(flat_batches), 0, on_site=on_site, stop_at=stop_after, on_output=on_output)
+        return out
+
+    def start(self, flat_batches: list[list[Any]]) -> dict[fx.Node, list[Any]]:
+        """A fresh environment: the placeholders bound to each batch's flat inputs."""
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        return {n: [fb[i] if i < len(fb) else None for fb in flat_batches] for i, n in enumerate(placeholders)}
+
+    def advance(
+        self,
+        env: dict[fx.Node, list[Any]],
+        nb: int,
+        start: int,
+        *,
+        on_site: SiteHook | None = None,
+        stop_at: fx.Node | None = None,
+        execute_stop: bool = True,
+        on_output: Callable[[fx.Node, list[Any]], None] | None = None,
+    ) -> tuple[list[Any] | None, int]:
+        """Evaluate nodes from index ``start`` in ``env`` (updated in place; values are freed after
+        their last user). Stops after ``stop_at`` — or just before executing it, with its
+        ``on_site`` hook called, when ``execute_stop`` is False. Returns ``(outputs, next index)``;
+        outputs are per-batch flat outputs when the graph's output node was reached, else None."""
 
         def value(b: int) -> Callable[[fx.Node], Any]:
             return lambda a: env[a][b] if a in self.batch_dependent else self._const(a)
 
-        for node in self.gm.graph.nodes:
+        for i in range(start, len(self.nodes)):
+            node = self.nodes[i]
             if node.op == "placeholder" or node not in self.batch_dependent:
                 continue
             if node.op == "output":
-                return [fx.node.map_arg(node.args[0], value(b)) for b in range(nb)]
+                return [fx.node.map_arg(node.args[0], value(b)) for b in range(nb)], i + 1
             site = self.site_of_node.get(node)
             if site is not None and on_site is not None:
                 x_node = next(a for a in node.all_input_nodes if a.name == site.inputs[site.nodes.index(node.name)])
                 on_site(node, site, [value(b)(x_node) for b in range(nb)])
+            if node is stop_at and not execute_stop:
+                return None, i
             outs = []
             for b in range(nb):
                 getter = value(b)
@@ -128,15 +151,18 @@ class GraphRunner:
             env[node] = outs
             if on_output is not None and site is not None:
                 on_output(node, outs)
-            i = self.order[node]
             for a in node.all_input_nodes:
                 if self.last_use.get(a) == i and a in env and a.op != "placeholder":
                     del env[a]
-            if stop_after is not None and node is stop_after:
-                return None
-        return None
+            if node is stop_at:
+                return None, i + 1
+        return None, len(self.nodes)
+
+    def site_nodes(self) -> list[fx.Node]:
+        """The nodes that use one of the runner's sites, in graph order."""
+        return [n for n in self.nodes if n in self.site_of_node]
 
     def last_site_node(self) -> fx.Node | None:
         """The last node (in graph order) that uses one of the runner's sites."""
-        nodes = [n for n in self.gm.graph.nodes if n in self.site_of_node]
+        nodes = self.site_nodes()
         return nodes[-1] if nodes else None

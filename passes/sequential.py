@@ -1,11 +1,18 @@
-"""Sequential mode: prune in graph order, each group calibrated on already-pruned inputs.
+"""Sequential mode: prune in graph order, each part calibrated on already-pruned inputs.
 
-All calibration batches advance through the graph together (:class:`GraphRunner`); when they reach
-a prunable group's input, the group's statistics are accumulated over every batch, the group is
-pruned, and its pruned weights are used from then on — the SparseGPT "layer by layer with
-propagated outputs" loop made generic over any traced graph, at the granularity of one input
-group. Only that group's statistics are alive at a time, and values die after their last user,
-so memory follows the widest activation, not the depth. The run stops after the last site.
+All calibration batches advance through the graph together (:class:`GraphRunner`), at one of
+two granularities (``SparsifyConfig.sequential_unit``):
+
+* ``"block"`` — the SparseGPT / llm-compressor loop made generic over any traced graph: every
+  group of a repeated block (a decoder layer, a residual block; see :mod:`.partition`) is
+  calibrated on the block's inputs, which come from the already-pruned earlier blocks, with the
+  block's own weights still dense; the block's groups are pruned, then the block is re-run with
+  its pruned weights to feed the next one (each block runs twice).
+* ``"group"`` — "true sequential": each input group is pruned as soon as its statistics are
+  complete, so later groups of the same block (o_proj after q/k/v) already see pruned inputs.
+
+Only one block's (or group's) statistics are alive at a time, and values die after their last
+user, so memory follows the widest activation, not the depth. The run stops after the last site.
 """
 from __future__ import annotations
 
@@ -18,9 +25,12 @@ import torch.nn as nn
 
 from moonshot_fx.config import SparsifyConfig
 
+from moonshot_fx.errors import CalibrationError
+
 from .calibrate import StatsCollector, needs_diagonal_only
 from .capture import CapturedGraph
 from .discover import Site
+from .partition import block_key, segments
 from .prune import SiteResult, prune_group
 from .runner import GraphRunner
 
@@ -43,6 +53,21 @@ def sequential_prune(
     substitutes: dict[str, torch.Tensor] = {}
     results: dict[str, SiteResult] = {}
     collector = StatsCollector(sites, row_weights, needs_diagonal_only(config))
+
+    def prune(group: str) -> None:
+        stats = collector.stats.pop(group, None)
+        if stats is None:
+            raise CalibrationError(f"no calibration data reached the input of {group!r}; is it used by forward?")
+        group_results = prune_group(collector.groups[group], stats, model, config, weights=substitutes,
+                                    sample_fishers=sample_fishers, alpha=alpha)
+        for r in group_results:
+            substitutes[r.name] = r.weight
+            results[r.name] = r
+        on_group(group_results)
+
+    if config.sequential_unit == "block":
+        _run_blocks(captured, sites, flat_batches, collector, substitutes, prune)
+        return results
     remaining_nodes = {g: [n for s in ss for n, _ in zip(s.nodes, s.inputs) if collector.accumulate_at.get(n) == g]
                        for g, ss in collector.groups.items()}
     runner = GraphRunner(captured, sites, weights=substitutes)
@@ -55,14 +80,30 @@ def sequential_prune(
         remaining_nodes[group].remove(node.name)
         if remaining_nodes[group]:
             return  # a parameter used at several places: prune after its last use is seen
-        stats = collector.stats.pop(group)
-        group_results = prune_group(collector.groups[group], stats, model, config, weights=substitutes,
-                                    sample_fishers=sample_fishers, alpha=alpha)
-        for r in group_results:
-            substitutes[r.name] = r.weight
-            results[r.name] = r
-        on_group(group_results)
+        prune(group)
 
     with torch.no_grad():
         runner.run(flat_batches, on_site=on_site, stop_after=runner.last_site_node())
     return results
+
+
+def _run_blocks(captured: CapturedGraph, sites: Sequence[Site], flat_batches: list[list[Any]],
+                collector: StatsCollector, substitutes: dict[str, torch.Tensor],
+                prune: Callable[[str], None]) -> None:
+    """Block-level loop: per segment, calibrate with dense block weights, prune, re-run."""
+    runner = GraphRunner(captured, sites, weights=substitutes)
+    nodes = runner.site_nodes()
+    by_name = {n.name: n for n in nodes}
+    group_of = {n.name: runner.site_of_node[n].group for n in nodes}
+    block_of = {n.name: block_key(runner.site_of_node[n].name) for n in nodes}
+    env = runner.start(flat_batches)
+    nb, pos = len(flat_batches), 0
+    with torch.no_grad():
+        for seg in segments([n.name for n in nodes], block_of, group_of):
+            last = by_name[seg[-1]]
+            scratch = dict(env)  # calibration pass: this block's weights are still dense
+            runner.advance(scratch, nb, pos, on_site=collector, stop_at=last, execute_stop=False)
+            del scratch
+            for group in dict.fromkeys(group_of[n] for n in seg):
+                prune(group)
+            _, pos = runner.advance(env, nb, pos, stop_at=last)  # propagate with the pruned weights
