@@ -102,7 +102,7 @@ class MethodSpec:
 
 
 def parse_method(label: str) -> MethodSpec:
-    """``sparsegpt``, ``moonshot-sparsegpt``, ``moonshot-wanda-auto``, ``moonshot-sparsegpt-a0.5``,
+    """``sparsegpt``, ``moonshot-sparsegpt``, ``moonshot-wanda-auto``, ``moonshot-sparsegpt-a0.5``, ``moonshot-wanda-weight``,
     ``moonshot-optima``, ``optima``, ``magnitude``, ``wanda``; a ``+bn`` suffix adds BatchNorm
     re-estimation (``recalibrate_norms=True``)."""
     extra: dict[str, Any] = {}
@@ -120,6 +120,6 @@ def parse_method(label: str) -> MethodSpec:
             opts["alpha"] = "auto"
         elif p.startswith("a"):
             opts["alpha"] = float(p[1:])
-        elif p in ("token", "sample"):
+        elif p in ("token", "sample", "weight"):
             opts["fisher"] = p
     return MethodSpec(label, "moonshot", tuple(sorted(opts.items())))

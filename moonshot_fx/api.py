@@ -204,7 +204,7 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
             captured, sites, norm, kind=cfg.fisher, loss_fn=loss_fn,
             progress=_progress(progress, "gradients", len(norm)))
         if cfg.fisher != "token":
-            row_weights = None
+            row_weights = None  # sample / weight kinds: the Fisher itself is in sample_fishers
         timings["gradients"] = time.perf_counter() - t
         if cfg.alpha == "auto":
             t = time.perf_counter()

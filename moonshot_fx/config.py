@@ -86,7 +86,7 @@ def parse_pattern(value: PatternLike) -> Pattern:
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "optima", "moonshot")
 BASES = ("magnitude", "wanda", "sparsegpt", "optima")
-FISHER_KINDS = ("auto", "token", "sample")
+FISHER_KINDS = ("auto", "token", "sample", "weight")
 
 #: Default exclusions: embeddings, LM heads and final classifiers are kept dense.
 DEFAULT_EXCLUDE = ("*embed*", "*lm_head*", "*wte*", "*wpe*", "*classifier*", "fc.weight", "head.weight", "linear.weight")
@@ -103,8 +103,10 @@ class SparsifyConfig:
         mask_from: mask selector used by ``optima`` before its exact re-solve.
         alpha: weight of the reconstruction term in MOONSHOT's objective, in [0, 1], or ``"auto"``.
         alpha_grid: candidate values tried by ``alpha="auto"``.
-        fisher: ``"token"`` (Xᵀdiag(‖δ_t‖²)X), ``"sample"`` (Σ_k G_kᵀG_k) Fisher for MOONSHOT, or
-            ``"auto"``: sample-level for convolutional models, token-level otherwise.
+        fisher: ``"token"`` (Xᵀdiag(‖δ_t‖²)X), ``"sample"`` (Σ_k G_kᵀG_k) Fisher for MOONSHOT,
+            ``"weight"`` (the per-weight diagonal Σ_t δ_ti² x_tj², not shared across output rows;
+            MOONSHOT-Wanda/magnitude only), or ``"auto"``: sample-level for convolutional models,
+            token-level otherwise.
         include / exclude: glob rules on weight FQNs (``model.layers.*.mlp.*``); exclude wins.
         overrides: per-site patterns, ``{glob: pattern}``; the first matching glob applies.
         sequential: prune in graph order, each site calibrated on already-pruned inputs.
@@ -151,7 +153,11 @@ class SparsifyConfig:
         if self.mask_from not in ("magnitude", "wanda", "sparsegpt", "moonshot"):
             raise ConfigError(f"unknown OPTIMA mask_from {self.mask_from!r}.")
         if self.fisher not in FISHER_KINDS:
-            raise ConfigError(f"unknown fisher kind {self.fisher!r}: choose 'auto', 'token' or 'sample'.")
+            raise ConfigError(f"unknown fisher kind {self.fisher!r}: choose 'auto', 'token', 'sample' or 'weight'.")
+        if self.method == "moonshot" and self.fisher == "weight" and self.base not in ("wanda", "magnitude"):
+            raise ConfigError(
+                f"fisher='weight' is a per-weight diagonal that only score-based bases use; base={self.base!r} "
+                "needs a shared d_in x d_in curvature: use fisher='token' or 'sample', or base='wanda'.")
         if isinstance(self.alpha, str):
             if self.alpha != "auto":
                 raise ConfigError(f"alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}")

@@ -81,6 +81,12 @@ def sample_fisher(rows: torch.Tensor, grad_rows: torch.Tensor, samples: int) -> 
     return torch.einsum("koi,koj->ij", g, g)
 
 
+def weight_fisher_diagonal(rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    """``Σ_t δ_ti² x_tj²`` (out, in): the diagonal of the token-level empirical Fisher of every
+    single weight, ``E[(∂L/∂W_ij)²]`` with one gradient per row ``t``, not shared across rows."""
+    return grad_rows.to(torch.float32).square().T @ rows.to(torch.float32).square()
+
+
 @dataclass
 class LayerStats:
     """Accumulated statistics of one input group (sites reading the same tensor share it)."""

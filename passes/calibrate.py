@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.errors import CalibrationError
-from moonshot_fx.stats import LayerStats, input_rows, output_rows, sample_fisher
+from moonshot_fx.stats import LayerStats, input_rows, output_rows, sample_fisher, weight_fisher_diagonal
 
 from .capture import CapturedGraph
 from .discover import Site
@@ -177,7 +177,8 @@ def collect_gradients(
     """Backward passes of the loss; returns ``(row_weights, sample_fisher, mean_loss)``.
 
     ``row_weights[site][b]`` are ``‖δ_t‖²`` for the rows of batch ``b`` (token kind);
-    ``sample_fisher[site]`` is ``Σ_k G_kᵀG_k`` over all samples (sample kind, fp32).
+    ``sample_fisher[site]`` is ``Σ_k G_kᵀG_k`` over all samples (sample kind, fp32), or the
+    per-weight diagonal ``Σ_t δ_ti² x_tj²`` shaped like the weight matrix (weight kind).
     With the default loss the backward runs ``micro_batch`` samples at a time, so the memory of
     autograd's saved activations (and an LM's logits) does not grow with the batch size.
     """
@@ -232,6 +233,10 @@ def collect_gradients(
                             uses.append([])
                         for u, (_, d) in enumerate(pairs):
                             uses[u].append(d.to(torch.float32).square().sum(dim=1))
+                    elif kind == "weight":
+                        for x, d in pairs:
+                            upd = weight_fisher_diagonal(input_rows(x, site.kind, site.conv), d)
+                            fishers[site.name] = fishers[site.name].add_(upd) if site.name in fishers else upd
                     else:
                         for x, d in pairs:
                             upd = sample_fisher(input_rows(x, site.kind, site.conv), d, samples).to(torch.float32)

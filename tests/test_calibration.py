@@ -123,6 +123,14 @@ def test_fisher_statistics_equal_explicit_per_sample_gradients():
     site_a = next(s for s in sites if s.name == "a.weight")
     assert torch.allclose(stats[site_a.group].fisher["a.weight"], explicit, rtol=1e-5, atol=1e-8)
 
+    # per-weight diagonal: F_ij = Σ_t (∂L/∂W_ij at token t)² = Σ_t δ_ti² x_tj² (not shared across rows)
+    calls = iter([0, 1])
+    _, weight_f, _ = collect_gradients(cap, sites, batches, kind="weight", loss_fn=fn)
+    per_token = delta.unsqueeze(2) * rows.unsqueeze(1)  # (tokens, out, in): each token's weight gradient
+    torch.testing.assert_close(weight_f["a.weight"].double(), per_token.square().sum(0), rtol=1e-5, atol=1e-9)
+    # summed over rows it is the token-level Fisher's diagonal
+    torch.testing.assert_close(weight_f["a.weight"].double().sum(0), torch.diagonal(explicit), rtol=1e-5, atol=1e-9)
+
 
 def test_input_rows_linear_and_conv_shapes():
     x = torch.randn(2, 3, 5)

@@ -45,3 +45,38 @@ def test_mixing_normalises_each_term():
     assert torch.allclose(mixed, again, rtol=1e-5)
     assert torch.diagonal(mixed).mean().item() == pytest.approx(1.0, rel=1e-5)
     assert mix_hessians(H, Fi, 1.0) is H
+
+
+def _weight_fisher(seed=0, d=64, out=32, n=2048):
+    g = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(n, d, generator=g) * torch.exp(torch.randn(d, generator=g))
+    delta = torch.randn(n, out, generator=g) * torch.exp(torch.randn(1, out, generator=g))  # rows differ in loss weight
+    return x, delta, delta.square().T @ x.square()  # F_ij = Σ_t δ_ti² x_tj²
+
+
+@pytest.mark.parametrize("pattern", ["2:4", 0.5])
+def test_per_weight_fisher_wanda_minimises_its_diagonal_cost(pattern):
+    W, _, _ = _layer(3)
+    x, delta, Fw = _weight_fisher(3)
+    H = x.T @ x
+    alpha = 0.5
+    cost = lambda m: float((W.square() * (alpha * torch.diagonal(H) / torch.diagonal(H).mean()
+                                          + (1 - alpha) * Fw / Fw.mean()) * (~m)).sum())
+    _, mixed = prune_layer(W, H, pattern, method="moonshot", base="wanda", fisher=Fw, alpha=alpha)
+    _, wanda = prune_layer(W, H, pattern, method="wanda")
+    _, taylor = prune_layer(W, H, pattern, method="moonshot", base="wanda", fisher=Fw, alpha=0.0)
+    assert cost(mixed) < cost(wanda) and cost(mixed) < cost(taylor)
+    assert torch.equal(prune_layer(W, H, pattern, method="moonshot", base="wanda", fisher=Fw, alpha=1.0)[1], wanda)
+    # rows that share their gradient scale: the per-weight Fisher selects like the shared token form
+    same = x.square().sum(0).expand_as(W)  # F_ij = Σ_t x_tj² for every row
+    tok = x.T @ x  # the token form with ‖δ_t‖² = 1: diagonal Σ_t x_tj²
+    assert torch.equal(prune_layer(W, H, pattern, method="moonshot", base="wanda", fisher=same, alpha=0.3)[1],
+                       prune_layer(W, H, pattern, method="moonshot", base="wanda", fisher=tok, alpha=0.3)[1])
+
+
+def test_per_weight_fisher_refused_by_hessian_bases():
+    from moonshot_fx import ConfigError, SparsifyConfig
+
+    with pytest.raises(ConfigError, match="fisher='weight'"):
+        SparsifyConfig(method="moonshot", base="sparsegpt", fisher="weight")
+    SparsifyConfig(method="moonshot", base="wanda", fisher="weight")

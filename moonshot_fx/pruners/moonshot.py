@@ -14,6 +14,12 @@ input weight by one), so neither scale decides:
 
 Because ``f_mix`` keeps the quadratic shape of ``f_rec``, every Hessian-driven base pruner takes
 ``H_mix`` unchanged. ``α = 1`` hands the base pruner ``H`` itself (bit-identical results).
+
+Score-based bases (Wanda, magnitude) can instead take the per-weight diagonal Fisher
+``F_ij = Σ_t δ_ti² x_tj²`` (shaped like ``W``): the cost of removing ``W_ij`` alone is then
+``W_ij² · (α H_jj / c_rec + (1 − α) F_ij / c_tay)``, with ``c_tay = mean(F)`` (which equals the
+shared form's mean diagonal divided by the number of rows, so both kinds are on one scale), and
+each output row weighs the loss by its own gradients instead of their sum over rows.
 """
 from __future__ import annotations
 
@@ -63,4 +69,31 @@ def moonshot_prune(
     """Run the ``base`` pruner on ``H_mix``; returns ``(W_hat, mask)``."""
     from . import get_pruner
 
+    if fisher is not None and fisher.shape != hessian.shape and float(alpha) < 1.0:
+        return _prune_with_weight_fisher(weight, hessian, fisher, pattern, float(alpha), base)
     return get_pruner(base)(weight, mix_hessians(hessian, fisher, float(alpha)), pattern, **options)
+
+
+def mixed_saliency(weight: torch.Tensor, hessian: torch.Tensor, weight_fisher: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``W² · (α diag(H)/c_rec + (1 − α) F/c_tay)`` for a per-weight Fisher ``F`` (see module docstring)."""
+    w2 = weight.to(torch.float32).square()
+    f = weight_fisher.to(torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    taylor = f / f.mean().clamp_min(tiny)
+    if alpha <= 0.0:
+        return w2 * taylor
+    h = torch.diagonal(hessian).to(torch.float32).clamp_min(0)
+    return w2 * (alpha * (h / h.mean().clamp_min(tiny)).unsqueeze(0) + (1.0 - alpha) * taylor)
+
+
+def _prune_with_weight_fisher(weight: torch.Tensor, hessian: torch.Tensor, weight_fisher: torch.Tensor,
+                              pattern: Pattern, alpha: float, base: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..errors import ConfigError
+    from ..masks import select_mask
+
+    if weight_fisher.shape != weight.shape:
+        raise ConfigError(f"per-weight Fisher of shape {tuple(weight_fisher.shape)} does not match weight {tuple(weight.shape)}")
+    if base not in ("wanda", "magnitude"):
+        raise ConfigError(f"a per-weight Fisher (fisher='weight') works with base 'wanda' or 'magnitude', not {base!r}")
+    mask = select_mask(mixed_saliency(weight, hessian, weight_fisher, alpha), pattern, scope="row")
+    return weight * mask, mask
