@@ -230,6 +230,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options["alpha"] = args.alpha
     if args.sequential is not None:
         options["sequential"] = args.sequential
+    if args.sequential_unit is not None:
+        options["sequential_unit"] = args.sequential_unit
+    if args.fisher is not None:
+        options["fisher"] = args.fisher
     exclude = tuple(DEFAULT_EXCLUDE) + tuple(args.exclude or ())
     cfg = SparsifyConfig(sparsity=args.sparsity, method=args.method, exclude=exclude,
                          include=tuple(args.include or ("*",)), **options)
@@ -355,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     seq.add_argument("--sequential", dest="sequential", action="store_true", default=None,
                      help="prune in graph order on already-pruned inputs (default: automatic)")
     seq.add_argument("--no-sequential", dest="sequential", action="store_false")
+    p.add_argument("--sequential-unit", choices=["block", "group"], default=None,
+                   help="sequential granularity: a whole repeated block at once (default) or each input group")
+    p.add_argument("--fisher", choices=["auto", "token", "sample", "weight"], default=None,
+                   help="MOONSHOT Fisher kind (default auto: sample-level for CNNs, token-level otherwise)")
     p.add_argument("--include", action="append", metavar="GLOB", help="only prune weights matching GLOB (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB",
                    help="also keep weights matching GLOB dense (added to the defaults; repeatable)")

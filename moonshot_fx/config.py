@@ -133,7 +133,7 @@ class SparsifyConfig:
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
     overrides: Mapping[str, PatternLike] = field(default_factory=dict)
     sequential: Union[bool, None] = None
-    sequential_unit: str = "group"
+    sequential_unit: str = "block"
     dampening: float = 0.01
     blocksize: int = 128
     device: Union[str, None] = None
