@@ -71,9 +71,8 @@ def run(args: argparse.Namespace) -> Path:
     extra: dict[str, Any] = {"exclude": ("conv1.weight",)} if setup is cnn_setup else {}
     if args.sequential is not None:
         extra["sequential"] = args.sequential == "on"
-    if args.sequential_unit is not None:
-        extra["sequential_unit"] = args.sequential_unit
-        settings["sequential_unit"] = args.sequential_unit
+    extra["sequential_unit"] = args.sequential_unit
+    settings["sequential_unit"] = args.sequential_unit
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     out_path = RESULTS / f"{args.prefix}_{args.model}.json"
     doc: dict[str, Any] = {"model": args.model, "settings": settings, "machine": machine(),
@@ -133,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calib-images", type=int, default=1000)
     p.add_argument("--test-images", type=int, default=10000)
     p.add_argument("--sequential", choices=["on", "off"], default=None)
-    p.add_argument("--sequential-unit", choices=["block", "group"], default=None,
-                   help="sequential granularity (default: the library's)")
+    p.add_argument("--sequential-unit", choices=["block", "group"], default="block",
+                   help="sequential granularity (default block, the library's default)")
     p.add_argument("--prefix", default="quality")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--append", action="store_true",

@@ -35,7 +35,9 @@ def _command_note(doc: dict[str, Any]) -> str:
 def quality_table(doc: dict[str, Any]) -> str:
     metric = doc["settings"]["metric"]
     better_low = metric == "perplexity"
-    lines = [f"**{doc['model']}** — {doc['settings']['calibration']}; {doc['settings']['evaluation']}; "
+    unit = doc["settings"].get("sequential_unit")
+    unit_note = f"sequential unit: {unit}; " if unit else ""
+    lines = [f"**{doc['model']}** — {doc['settings']['calibration']}; {doc['settings']['evaluation']}; {unit_note}"
              f"dense {metric} **{doc['dense']['quality']:.2f}** ({doc['date']}, {_command_note(doc)})", "",
              f"| pattern | method | {metric} | vs base pruner | prune time (s) | time ÷ SparseGPT | peak RSS (MB) |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -72,6 +74,7 @@ def generic_table(doc: dict[str, Any]) -> str:
 #: section order and titles of the result files (others follow alphabetically under their name)
 TITLES = {
     "quality_smollm2": "SmolLM2-135M: quality, all methods",
+    "quality-group_smollm2": "SmolLM2-135M: quality with group-level (\"true\") sequential pruning, the previous default",
     "peers_smollm2": "SmolLM2-135M: against llm-compressor",
     "speed_smollm2": "SmolLM2-135M: pruning time and memory, ratios to SparseGPT",
     "quality_resnet20": "ResNet-20 (CIFAR-10): top-1",

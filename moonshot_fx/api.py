@@ -183,6 +183,15 @@ def sparsify(
     return model
 
 
+def default_fisher(cfg: SparsifyConfig, sites: Sequence[Site]) -> str:
+    """``fisher="auto"``: sample-level for convolutional models (per-image correlations matter),
+    else the per-weight diagonal for score-based bases (Wanda, magnitude) and token-level for the
+    Hessian-driven ones (docs/method.md §2 has the measurements)."""
+    if any(s.kind.startswith("conv") for s in sites):
+        return "sample"
+    return "weight" if cfg.base in ("wanda", "magnitude") else "token"
+
+
 def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: list[Any], cfg: SparsifyConfig,
          sequential: bool, loss_fn: LossFn | None, progress: bool, timings: dict[str, float],
          report: SparsityReport) -> dict[str, SiteResult]:
@@ -197,7 +206,7 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
     alpha: float | None = None
     if cfg.method == "moonshot" and (cfg.alpha == "auto" or float(cfg.alpha) < 1.0):
         if cfg.fisher == "auto":
-            cfg = cfg.replace(fisher="sample" if any(s.kind.startswith("conv") for s in sites) else "token")
+            cfg = cfg.replace(fisher=default_fisher(cfg, sites))
             report.config["fisher"] = cfg.fisher
         t = time.perf_counter()
         row_weights, sample_fishers, _ = collect_gradients(

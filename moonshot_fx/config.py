@@ -106,7 +106,7 @@ class SparsifyConfig:
         fisher: ``"token"`` (Xᵀdiag(‖δ_t‖²)X), ``"sample"`` (Σ_k G_kᵀG_k) Fisher for MOONSHOT,
             ``"weight"`` (the per-weight diagonal Σ_t δ_ti² x_tj², not shared across output rows;
             MOONSHOT-Wanda/magnitude only), or ``"auto"``: sample-level for convolutional models,
-            token-level otherwise.
+            otherwise per-weight for Wanda/magnitude bases and token-level for the others.
         include / exclude: glob rules on weight FQNs (``model.layers.*.mlp.*``); exclude wins.
         overrides: per-site patterns, ``{glob: pattern}``; the first matching glob applies.
         sequential: prune in graph order, each site calibrated on already-pruned inputs.
