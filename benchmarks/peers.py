@@ -20,7 +20,8 @@ How the comparison is kept fair:
 * Peer settings: ``oneshot`` with ``SparseGPTModifier(block_size=128, dampening_frac=0.01)`` or
   ``WandaPruningModifier``, ``mask_structure="2:4"`` for 2:4 else ``"0:0"``, sparsity 0.5, targets
   Linear, ignore lm_head, its default (sequential) pipeline, no shuffling. Ours: ``sparsify`` with
-  its defaults (dampening 0.01, block size 128), lm_head kept dense.
+  its defaults (dampening 0.01, block size 128, block-level sequential like the peer's pipeline),
+  lm_head kept dense.
 * Timing: only the pruning call (``oneshot`` / ``sparsify``), wall clock, with peak RSS of the
   process sampled every 20 ms (``common.timed``). Peer and ours run back to back for each pattern ×
   method on a freshly loaded dense model; before each timed call the process waits (polling every
@@ -142,14 +143,14 @@ def run_ours(label: str, pattern: str, batches: list[Any], ev: torch.Tensor,
     wait = wait_for_quiet_cpu(args.max_wait, log=log) if args.max_wait > 0 else None
     start = rss_bytes()
     with OthersCPU() as others:
-        _, wall, peak = timed(lambda: moonshot_fx.sparsify(model, calibration=batches, sparsity=pattern,
+        _, wall, peak = timed(lambda m=model: moonshot_fx.sparsify(m, calibration=batches, sparsity=pattern,
                                                            method=spec.method, progress=False, **spec.kwargs()))
     report = model.moonshot_report
     t = time.perf_counter()
     q = data.perplexity(model, ev, batch_size=4)
     row = {"quality": q, "prune_seconds": wall, "peak_rss_mb": peak / 2**20, "start_rss_mb": start / 2**20,
            "eval_seconds": time.perf_counter() - t, "cpu_wait": wait, "cpu_during": others.record(), "alpha": report.alpha,
-           "sequential": report.sequential, "sparsity": report.overall_sparsity, "sites": len(report.sites),
+           "sequential": report.sequential, "sequential_unit": report.config.get("sequential_unit"), "sparsity": report.overall_sparsity, "sites": len(report.sites),
            "timings": report.timings}
     del model
     release_memory()

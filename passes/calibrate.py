@@ -241,7 +241,9 @@ def collect_gradients(
                         for x, d in pairs:
                             upd = sample_fisher(input_rows(x, site.kind, site.conv), d, samples).to(torch.float32)
                             fishers[site.name] = fishers[site.name].add_(upd) if site.name in fishers else upd
-                del inputs, outputs, grads
+                inputs.clear()
+                outputs.clear()
+                del grads
             if kind == "token":  # per batch: uses in graph order, each over all its samples
                 for site in sites:
                     row_weights[site.name].append(torch.cat([torch.cat(parts) for parts in batch_rows[site.name]]))

@@ -80,3 +80,18 @@ def test_per_weight_fisher_refused_by_hessian_bases():
     with pytest.raises(ConfigError, match="fisher='weight'"):
         SparsifyConfig(method="moonshot", base="sparsegpt", fisher="weight")
     SparsifyConfig(method="moonshot", base="wanda", fisher="weight")
+
+
+@pytest.mark.parametrize("base, expected", [("wanda", "weight"), ("sparsegpt", "token")])
+def test_auto_fisher_kind_follows_the_base(base, expected):
+    import torch.nn as nn
+
+    import moonshot_fx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    batches = [torch.randn(8, 16) for _ in range(2)]
+    moonshot_fx.sparsify(model, calibration=batches, sparsity="2:4", method="moonshot", base=base, alpha=0.5,
+                         progress=False)
+    assert model.moonshot_report.config["fisher"] == expected
+    assert moonshot_fx.check_pattern(model[2].weight.detach(), "2:4")
