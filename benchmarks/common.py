@@ -104,9 +104,13 @@ class MethodSpec:
 def parse_method(label: str) -> MethodSpec:
     """``sparsegpt``, ``moonshot-sparsegpt``, ``moonshot-wanda-auto``, ``moonshot-sparsegpt-a0.5``, ``moonshot-wanda-weight``,
     ``moonshot-optima``, ``optima``, ``magnitude``, ``wanda``; a ``+bn`` suffix adds BatchNorm
-    re-estimation (``recalibrate_norms=True``)."""
+    re-estimation (``recalibrate_norms=True``); an ``@group`` / ``@block`` suffix sets
+    ``sequential_unit``."""
     extra: dict[str, Any] = {}
     core = label
+    if "@" in core:
+        core, unit = core.rsplit("@", 1)
+        extra["sequential_unit"] = unit
     if core.endswith("+bn"):  # re-estimate BatchNorm statistics after pruning
         core = core[:-3]
         extra["recalibrate_norms"] = True
