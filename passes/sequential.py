@@ -99,11 +99,15 @@ def _run_blocks(captured: CapturedGraph, sites: Sequence[Site], flat_batches: li
     env = runner.start(flat_batches)
     nb, pos = len(flat_batches), 0
     with torch.no_grad():
-        for seg in segments([n.name for n in nodes], block_of, group_of):
+        segs = segments([n.name for n in nodes], block_of, group_of)
+        for i, seg in enumerate(segs):
             last = by_name[seg[-1]]
-            scratch = dict(env)  # calibration pass: this block's weights are still dense
+            final = i == len(segs) - 1
+            # calibration pass: this block's weights are still dense (the last block needs no copy)
+            scratch = env if final else dict(env)
             runner.advance(scratch, nb, pos, on_site=collector, stop_at=last, execute_stop=False)
             del scratch
             for group in dict.fromkeys(group_of[n] for n in seg):
                 prune(group)
-            _, pos = runner.advance(env, nb, pos, stop_at=last)  # propagate with the pruned weights
+            if not final:  # propagate with the pruned weights; nothing reads the last block's output
+                _, pos = runner.advance(env, nb, pos, stop_at=last)
