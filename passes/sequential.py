@@ -24,7 +24,6 @@ import torch.fx as fx
 import torch.nn as nn
 
 from moonshot_fx.config import SparsifyConfig
-
 from moonshot_fx.errors import CalibrationError
 
 from .calibrate import StatsCollector, needs_diagonal_only
