@@ -41,6 +41,8 @@ def quality_table(doc: dict[str, Any]) -> str:
              f"dense {metric} **{doc['dense']['quality']:.2f}** ({doc['date']}, {_command_note(doc)})", "",
              f"| pattern | method | {metric} | vs base pruner | prune time (s) | time ÷ SparseGPT | peak RSS (MB) |",
              "|---|---|---:|---:|---:|---:|---:|"]
+    if doc.get("note"):
+        lines[1:1] = ["", f"_Note: {doc['note']}_"]
     order = list(dict.fromkeys(r["pattern"] for r in doc["rows"]))
     rows = sorted((r for r in doc["rows"] if "error" not in r), key=lambda r: order.index(r["pattern"]))
     for r in doc["rows"]:
