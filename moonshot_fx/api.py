@@ -22,7 +22,7 @@ from .masks import check_pattern
 from .passes.apply import write_weights
 from .passes.calibrate import (LossFn, collect_gradients, collect_hessians, default_loss, group_sites,
                                is_label_free_classifier, needs_diagonal_only, output_logits)
-from .passes.capture import CapturedGraph, capture, iter_batches, normalize_batch
+from .passes.capture import CapturedGraph, batch_shape_key, capture, iter_batches, normalize_batch
 from .passes.discover import Site, find_sites, select_sites
 from .passes.norm_recalibration import recalibrate_batchnorm
 from .passes.prune import SiteResult, prune_group, to_matrix
@@ -44,7 +44,11 @@ def _progress(enabled: bool, desc: str, total: int | None = None) -> Callable[[I
     return lambda it: tqdm(it, desc=desc, total=total, leave=False)
 
 
-def _prepare(model: nn.Module, example_inputs: Any, batches: list[Any]) -> tuple[CapturedGraph, list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+def _prepare(model: nn.Module, example_inputs: Any, batches: list[Any], *,
+             one_shape_only: bool = False) -> tuple[CapturedGraph, list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """Trace the model and normalise the batches. ``one_shape_only``: nothing but the given
+    batches will run on the graph, so when they all share the example's shape a static export
+    (faster to trace) is tried first."""
     norm = [normalize_batch(b, model) for b in batches]
     if example_inputs is not None:
         args, kwargs = normalize_batch(example_inputs, model)
@@ -52,7 +56,9 @@ def _prepare(model: nn.Module, example_inputs: Any, batches: list[Any]) -> tuple
         args, kwargs = norm[0]
     else:
         raise CalibrationError("give example_inputs or calibration batches: the model must be run to be traced.")
-    captured = capture(model, args, kwargs)
+    key = batch_shape_key(args, kwargs)
+    static_first = one_shape_only and all(batch_shape_key(a, k) == key for a, k in norm)
+    captured = capture(model, args, kwargs, static_first=static_first)
     if norm and not all(captured.matches(a, k) for a, k in norm):
         captured = capture(model, *norm[0])  # static graph: trace again at the calibration shape
         if not all(captured.matches(a, k) for a, k in norm):
@@ -147,7 +153,8 @@ def sparsify(
     was_training = model.training
     model.eval()
     try:
-        captured, norm = _prepare(model, example_inputs, batches)
+        # MOONSHOT's backward runs on micro-batches, which needs a graph with a dynamic batch size
+        captured, norm = _prepare(model, example_inputs, batches, one_shape_only=cfg.method != "moonshot")
         timings["capture"] = time.perf_counter() - t0
         all_sites = find_sites(captured.gm, model)
         sites = select_sites(all_sites, cfg, prune_head=prune_head)

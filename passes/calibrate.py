@@ -196,6 +196,8 @@ def collect_gradients(
             # the default loss reads everything from the batch, so the backward can run on
             # micro-batches (exact: losses are per sample); a user loss_fn sees whole batches
             chunks = split_batch(b_args, b_kwargs, micro_batch) if loss_fn is default_loss else [(b_args, b_kwargs)]
+            if not all(captured.matches(a, k) for a, k in chunks):
+                chunks = [(b_args, b_kwargs)]  # a static-shape graph runs whole batches only
             batch_rows: dict[str, list[list[torch.Tensor]]] = {s.name: [] for s in sites}  # site -> use -> chunks
             for args, kwargs in chunks:
                 inputs: dict[str, list[torch.Tensor]] = {}

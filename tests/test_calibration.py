@@ -174,6 +174,26 @@ def test_micro_batched_backward_equals_whole_batches(kind):
         assert torch.allclose(f1[name], f3[name], rtol=1e-4, atol=1e-9)
 
 
+def test_static_graph_runs_the_backward_on_whole_batches():
+    """A static-shape graph cannot run 1-sample micro-batches: the Fisher pass falls back to whole
+    batches and gives the same statistics as a dynamic graph."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    norm = [normalize_batch({"input_ids": torch.randint(0, 64, (3, 8))}, model) for _ in range(2)]
+    static = capture(model, *norm[0], static_first=True)
+    dynamic = capture(model, *norm[0])
+    assert not static.dynamic and dynamic.dynamic
+    rw_s, _, loss_s = collect_gradients(static, find_sites(static.gm, model), norm, kind="token", micro_batch=1)
+    rw_d, _, loss_d = collect_gradients(dynamic, find_sites(dynamic.gm, model), norm, kind="token", micro_batch=1)
+    assert loss_s == pytest.approx(loss_d, rel=1e-5)
+    for name in rw_d:
+        for a, b in zip(rw_s[name], rw_d[name]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
 def test_held_out_loss_scores_a_label_free_classifier_against_the_dense_model():
     """Choosing α must reward faithful pruned classifiers, not confident ones: a copy whose head is
     sharpened (same argmax, more confident) scores *worse* than the dense model, and the dense
