@@ -81,7 +81,8 @@ def prune_group(
                 fisher = stats.mean_fisher(site.name)
             elif sample_fishers is not None and site.name in sample_fishers:
                 fisher = sample_fishers[site.name].to(torch.float32)
-            options.update(fisher=fisher, alpha=config.alpha if alpha is None else alpha, base=config.base)
+            key = "weight_fisher" if config.fisher == "weight" else "fisher"
+            options.update({key: fisher}, alpha=config.alpha if alpha is None else alpha, base=config.base)
             if config.base == "optima":
                 options["mask_from"] = config.mask_from
         elif config.method == "optima":

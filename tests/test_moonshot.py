@@ -54,23 +54,24 @@ def _weight_fisher(seed=0, d=64, out=32, n=2048):
     return x, delta, delta.square().T @ x.square()  # F_ij = Σ_t δ_ti² x_tj²
 
 
+@pytest.mark.parametrize("out", [32, 64])  # 64: a square weight, whose per-weight Fisher has H's shape
 @pytest.mark.parametrize("pattern", ["2:4", 0.5])
-def test_per_weight_fisher_wanda_minimises_its_diagonal_cost(pattern):
-    W, _, _ = _layer(3)
-    x, delta, Fw = _weight_fisher(3)
+def test_per_weight_fisher_wanda_minimises_its_diagonal_cost(pattern, out):
+    W, _, _ = _layer(3, out=out)
+    x, delta, Fw = _weight_fisher(3, out=out)
     H = x.T @ x
     alpha = 0.5
     cost = lambda m: float((W.square() * (alpha * torch.diagonal(H) / torch.diagonal(H).mean()
                                           + (1 - alpha) * Fw / Fw.mean()) * (~m)).sum())
-    _, mixed = prune_layer(W, H, pattern, method="moonshot", base="wanda", fisher=Fw, alpha=alpha)
+    _, mixed = prune_layer(W, H, pattern, method="moonshot", base="wanda", weight_fisher=Fw, alpha=alpha)
     _, wanda = prune_layer(W, H, pattern, method="wanda")
-    _, taylor = prune_layer(W, H, pattern, method="moonshot", base="wanda", fisher=Fw, alpha=0.0)
+    _, taylor = prune_layer(W, H, pattern, method="moonshot", base="wanda", weight_fisher=Fw, alpha=0.0)
     assert cost(mixed) < cost(wanda) and cost(mixed) < cost(taylor)
-    assert torch.equal(prune_layer(W, H, pattern, method="moonshot", base="wanda", fisher=Fw, alpha=1.0)[1], wanda)
+    assert torch.equal(prune_layer(W, H, pattern, method="moonshot", base="wanda", weight_fisher=Fw, alpha=1.0)[1], wanda)
     # rows that share their gradient scale: the per-weight Fisher selects like the shared token form
     same = x.square().sum(0).expand_as(W)  # F_ij = Σ_t x_tj² for every row
     tok = x.T @ x  # the token form with ‖δ_t‖² = 1: diagonal Σ_t x_tj²
-    assert torch.equal(prune_layer(W, H, pattern, method="moonshot", base="wanda", fisher=same, alpha=0.3)[1],
+    assert torch.equal(prune_layer(W, H, pattern, method="moonshot", base="wanda", weight_fisher=same, alpha=0.3)[1],
                        prune_layer(W, H, pattern, method="moonshot", base="wanda", fisher=tok, alpha=0.3)[1])
 
 

@@ -62,15 +62,20 @@ def moonshot_prune(
     pattern: Pattern,
     *,
     fisher: torch.Tensor | None = None,
+    weight_fisher: torch.Tensor | None = None,
     alpha: float = 0.75,
     base: str = "sparsegpt",
     **options: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the ``base`` pruner on ``H_mix``; returns ``(W_hat, mask)``."""
+    """Run the ``base`` pruner on ``H_mix``; returns ``(W_hat, mask)``.
+
+    ``fisher`` is a shared ``d_in × d_in`` curvature; ``weight_fisher`` a per-weight diagonal shaped
+    like ``weight`` (score-based bases only). They are told apart by name, never by shape: a square
+    weight's per-weight Fisher has the Hessian's shape."""
     from . import get_pruner
 
-    if fisher is not None and fisher.shape != hessian.shape and float(alpha) < 1.0:
-        return _prune_with_weight_fisher(weight, hessian, fisher, pattern, float(alpha), base)
+    if weight_fisher is not None and float(alpha) < 1.0:
+        return _prune_with_weight_fisher(weight, hessian, weight_fisher, pattern, float(alpha), base)
     return get_pruner(base)(weight, mix_hessians(hessian, fisher, float(alpha)), pattern, **options)
 
 
