@@ -233,3 +233,50 @@ def test_alpha_auto_picks_the_grid_point_with_the_lowest_held_out_loss():
     assert sorted(scores) == [0.0, 0.5, 1.0] and rep.alpha in scores
     assert scores[rep.alpha] == min(scores.values())
     assert "alpha_search" in rep.timings and "gradients" in rep.timings
+
+
+@pytest.mark.parametrize("width", [5, 383, 384, 577, 1000])
+def test_symmetric_gram_equals_full_product(width: int) -> None:
+    from moonshot_fx.stats import gram
+
+    torch.manual_seed(width)
+    x = torch.randn(300, width, dtype=torch.float64)
+    g = gram(x, block=128)
+    torch.testing.assert_close(g, g.T, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(g, x.T @ x, rtol=1e-12, atol=1e-10)
+
+
+def test_weighted_hessian_matches_explicit_diag_product() -> None:
+    from moonshot_fx.stats import accumulate_hessian
+
+    torch.manual_seed(0)
+    x = torch.randn(500, 400)
+    w = torch.rand(500) * 3
+    w[::7] = 0.0
+    explicit = (x.double().T * w.double()) @ x.double()
+    torch.testing.assert_close(accumulate_hessian(None, x, w), explicit, rtol=1e-5, atol=1e-3)
+    signed = w - 1.0  # negative weights cannot take the √w route; still the exact product
+    torch.testing.assert_close(accumulate_hessian(None, x, signed), (x.double().T * signed.double()) @ x.double(),
+                               rtol=1e-5, atol=1e-3)
+    h = accumulate_hessian(None, x)
+    torch.testing.assert_close(accumulate_hessian(h.clone(), x), 2 * h)
+
+
+@pytest.mark.parametrize("diagonal_only", [False, True])
+@pytest.mark.parametrize("bad, message", [(float("nan"), "non-finite"), (float("-inf"), "non-finite"), (1e30, "overflow")])
+def test_one_bad_activation_is_refused(diagonal_only: bool, bad: float, message: str) -> None:
+    from moonshot_fx.errors import CalibrationError
+    from moonshot_fx.stats import LayerStats
+
+    st = LayerStats(diagonal_only=diagonal_only)
+    rows = torch.randn(64, 400)
+    st.add_rows(rows)
+    rows[17, 311] = bad  # 1e30 is finite, but its square overflows the fp32 product
+    if diagonal_only and message == "overflow":  # fp64 column norms hold 1e60: caught when read as fp32
+        st.add_rows(rows)
+        with pytest.raises(CalibrationError, match=message):
+            st.mean_hessian()
+        return
+    with pytest.raises(CalibrationError, match=message):
+        st.add_rows(rows)
+    assert st.rows == 64  # the bad batch left the accumulated statistics untouched
