@@ -11,7 +11,7 @@ How the comparison is kept fair:
 * Model: SmolLM2-135M from ``moonshot_fx.data.load_smollm2``, saved once as a plain HF directory
   (``benchmarks/.cache/smollm2-hf``); both sides load that directory in fp32.
 * Data: this script writes the calibration token ids (``calibration_windows`` on
-  wikitext2_valid, seed 0, exactly as ``quality.py``) and the evaluation windows (the first
+  wikitext2_valid, seed 0 as ``quality.py`` unless ``--seed`` picks other windows) and the evaluation windows (the first
   ``--eval-windows`` × ``--seqlen`` tokens of wikitext2_raw_test) as ``.pt`` files; both sides
   read the same tensors and use the same calibration batch size (``--batch``).
 * Metric: exp of the mean next-token NLL over all evaluation windows, ``use_cache=False``
@@ -205,11 +205,11 @@ def run(args: argparse.Namespace) -> Path:
     WORK.mkdir(parents=True, exist_ok=True)
     tok = gguf_tokenizer()
     ids = data.tokenize(tok, data.load_text("wikitext2_valid"))
-    cal = data.calibration_windows(ids, args.calib_windows, args.seqlen, seed=0)
+    cal = data.calibration_windows(ids, args.calib_windows, args.seqlen, seed=args.seed)
     test = data.tokenize(tok, data.load_text("wikitext2_test"))
     ev = data.eval_windows(test, args.seqlen, args.eval_windows)
     del tok, ids, test
-    calib_path = WORK / f"calib_{args.calib_windows}x{args.seqlen}.pt"
+    calib_path = WORK / f"calib_{args.calib_windows}x{args.seqlen}_seed{args.seed}.pt"
     eval_path = WORK / f"eval_{ev.shape[0]}x{args.seqlen}.pt"
     torch.save(cal, calib_path)
     torch.save(ev, eval_path)
@@ -219,10 +219,10 @@ def run(args: argparse.Namespace) -> Path:
         [str(VENV_PY), "-c", "import importlib.metadata as m; import json; print(json.dumps("
          "{p: m.version(p) for p in ('llmcompressor', 'torch', 'transformers', 'compressed-tensors')}))"],
         capture_output=True, text=True, check=True).stdout
-    out_path = RESULTS / "peers_smollm2.json"
+    out_path = RESULTS / ("peers_smollm2.json" if args.seed == 0 else f"peers_smollm2_seed{args.seed}.json")
     doc: dict[str, Any] = {
         "model": "smollm2",
-        "settings": {"calibration": f"{args.calib_windows}x{args.seqlen} tokens wikitext2_valid seed 0 "
+        "settings": {"calibration": f"{args.calib_windows}x{args.seqlen} tokens wikitext2_valid seed {args.seed} "
                                     f"(batch {args.batch})",
                      "evaluation": f"first {ev.shape[0]}x{args.seqlen} tokens wikitext2_raw_test",
                      "metric": "perplexity",
@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--batch", type=int, default=8, help="calibration batch size, both sides")
+    p.add_argument("--seed", type=int, default=0,
+                   help="which calibration windows (quality.py uses 0); other seeds write peers_smollm2_seed<N>.json")
     p.add_argument("--patterns", nargs="+", default=["2:4", "0.5"])
     p.add_argument("--methods", nargs="+", default=["sparsegpt", "wanda"], choices=sorted(PEER_NAMES))
     p.add_argument("--ours-extra", nargs="*", default=["moonshot-sparsegpt"],

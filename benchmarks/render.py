@@ -87,7 +87,8 @@ TITLES = {
 
 def _order(path: Path) -> tuple[int, str]:
     keys = list(TITLES)
-    return (keys.index(path.stem) if path.stem in keys else len(keys), path.name)
+    stem = "peers_smollm2" if path.stem.startswith("peers_smollm2_seed") else path.stem  # next to seed 0
+    return (keys.index(stem) if stem in keys else len(keys), path.name)
 
 
 def render_all() -> str:
@@ -96,6 +97,8 @@ def render_all() -> str:
     for path in sorted(RESULTS.glob("*.json"), key=_order):
         doc = json.loads(path.read_text())
         title = TITLES.get(path.stem, path.stem)
+        if path.stem.startswith("peers_smollm2_seed"):
+            title = f"{TITLES['peers_smollm2']}, calibration seed {path.stem.rsplit('seed', 1)[1]}"
         body = quality_table(doc) if "rows" in doc and "dense" in doc else generic_table(doc)
         parts.append(f"### {title}\n\n_{path.name}_\n\n{body}")
     md = "\n\n".join(parts) if parts else "_No results yet: run the benchmarks._"
