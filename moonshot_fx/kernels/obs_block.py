@@ -37,7 +37,6 @@ import os
 import torch
 
 from ..errors import LinalgError, PatternError
-from ..masks import nm_mask
 
 #: Largest block the kernel handles (the W tile lives in registers); larger blocks use torch.
 MAX_TRITON_COUNT = 128
