@@ -85,9 +85,15 @@ TITLES = {
 }
 
 
+def _seed_variant(stem: str) -> tuple[str, str | None]:
+    """``peers_smollm2_seed2`` → ``("peers_smollm2", "2")`` (``peers.py --seed``); else ``(stem, None)``."""
+    base, sep, seed = stem.rpartition("_seed")
+    return (base, seed) if sep and base in TITLES and seed.isdigit() else (stem, None)
+
+
 def _order(path: Path) -> tuple[int, str]:
     keys = list(TITLES)
-    stem = "peers_smollm2" if path.stem.startswith("peers_smollm2_seed") else path.stem  # next to seed 0
+    stem, _ = _seed_variant(path.stem)  # another calibration seed sits next to its seed-0 file
     return (keys.index(stem) if stem in keys else len(keys), path.name)
 
 
@@ -96,9 +102,8 @@ def render_all() -> str:
     parts = []
     for path in sorted(RESULTS.glob("*.json"), key=_order):
         doc = json.loads(path.read_text())
-        title = TITLES.get(path.stem, path.stem)
-        if path.stem.startswith("peers_smollm2_seed"):
-            title = f"{TITLES['peers_smollm2']}, calibration seed {path.stem.rsplit('seed', 1)[1]}"
+        stem, seed = _seed_variant(path.stem)
+        title = TITLES.get(stem, stem) + (f", calibration seed {seed}" if seed else "")
         body = quality_table(doc) if "rows" in doc and "dense" in doc else generic_table(doc)
         parts.append(f"### {title}\n\n_{path.name}_\n\n{body}")
     md = "\n\n".join(parts) if parts else "_No results yet: run the benchmarks._"
