@@ -78,6 +78,7 @@ TITLES = {
     "quality_smollm2": "SmolLM2-135M: quality, all methods",
     "quality-group_smollm2": "SmolLM2-135M: quality with group-level (\"true\") sequential pruning, the previous default",
     "peers_smollm2": "SmolLM2-135M: against llm-compressor",
+    "peers_agreement_smollm2": "SmolLM2-135M: our SparseGPT and llm-compressor's on identical inputs",
     "speed_smollm2": "SmolLM2-135M: pruning time and memory, ratios to SparseGPT",
     "quality_resnet20": "ResNet-20 (CIFAR-10): top-1",
     "quality_resnet56": "ResNet-56 (CIFAR-10): top-1",
@@ -97,15 +98,60 @@ def _order(path: Path) -> tuple[int, str]:
     return (keys.index(stem) if stem in keys else len(keys), path.name)
 
 
+def seed_summary(docs: dict[int, dict[str, Any]]) -> str | None:
+    """One row per (pattern, method) that ``peers.py`` ran on two or more calibration seeds: each
+    seed's perplexity (peer / ours), the means, the mean ratio and the range of time ratios."""
+    cells: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
+    for seed, doc in docs.items():
+        for r in doc.get("pairs", []):
+            p, o = r.get("peer") or {}, r.get("ours") or {}
+            if "quality" in p and "quality" in o:
+                cells.setdefault((r["pattern"], r["method"]), {})[seed] = {
+                    "peer": p["quality"], "ours": o["quality"], "time": o["prune_seconds"] / p["prune_seconds"]}
+    seeds = sorted(docs)
+    rows = [(k, v) for k, v in cells.items() if len(v) >= 2]
+    if not rows:
+        return None
+    lines = ["Perplexity, llm-compressor / ours, on each calibration set `peers.py --seed N` used (the "
+             "seed picks the 32 wikitext2_valid windows; evaluation is the same); mean ratio = mean of the "
+             "per-seed ratios ours ÷ peer.", "",
+             "| pattern | method | " + " | ".join(f"seed {s}" for s in seeds)
+             + " | mean peer | mean ours | mean ratio | time ours ÷ peer |",
+             "|---|---|" + "---:|" * (len(seeds) + 4)]
+    for (pattern, method), by_seed in rows:
+        vals = list(by_seed.values())
+        ratios = [v["ours"] / v["peer"] for v in vals]
+        times = [v["time"] for v in vals]
+        per = [f"{by_seed[s]['peer']:.2f} / {by_seed[s]['ours']:.2f}" if s in by_seed else "–" for s in seeds]
+        lines.append(f"| {pattern} | {method} | " + " | ".join(per)
+                     + f" | {sum(v['peer'] for v in vals) / len(vals):.2f} | {sum(v['ours'] for v in vals) / len(vals):.2f}"
+                     f" | {sum(ratios) / len(ratios):.3f}× ({len(vals)} seeds) | {min(times):.2f}–{max(times):.2f}× |")
+    return "\n".join(lines)
+
+
+def _seed_section(docs: dict[int, dict[str, Any]]) -> list[str]:
+    summary = seed_summary(docs) if docs else None
+    return [] if summary is None else [
+        f"### SmolLM2-135M: against llm-compressor over calibration seeds\n\n"
+        f"_peers_smollm2.json, peers_smollm2_seed*.json_\n\n{summary}"]
+
+
 def render_all() -> str:
     """Write results/RESULTS.md and the README section; returns the markdown."""
     parts = []
+    peer_docs: dict[int, dict[str, Any]] = {}
     for path in sorted(RESULTS.glob("*.json"), key=_order):
         doc = json.loads(path.read_text())
         stem, seed = _seed_variant(path.stem)
+        if stem == "peers_smollm2":
+            peer_docs[int(seed or 0)] = doc
+        elif peer_docs:  # the summary follows the last seed's table
+            parts += _seed_section(peer_docs)
+            peer_docs = {}
         title = TITLES.get(stem, stem) + (f", calibration seed {seed}" if seed else "")
         body = quality_table(doc) if "rows" in doc and "dense" in doc else generic_table(doc)
         parts.append(f"### {title}\n\n_{path.name}_\n\n{body}")
+    parts += _seed_section(peer_docs)
     md = "\n\n".join(parts) if parts else "_No results yet: run the benchmarks._"
     write_text(RESULTS / "RESULTS.md", md + "\n")
     if README.exists():
