@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8, help="calibration batch size")
     p.add_argument("--max-wait", type=float, default=1200.0, help="longest wait for a quiet CPU (s); 0: don't wait")
     p.add_argument("--out", required=True)
+    p.add_argument("--save-weights", help="also save the pruned decoder-layer weights (.pt state dict) here")
     args = p.parse_args(argv)
 
     import torch
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         res.update(prune_seconds=wall, peak_rss_mb=peak / 2**20, cpu_during=others.record())
         log(f"llm-compressor {args.method} {args.sparsity}: oneshot {wall:.1f}s, peak RSS {peak / 2**20:.0f} MB")
     res["linear_sparsity"] = linear_sparsity(model)
+    if args.save_weights:
+        torch.save({k: v for k, v in model.state_dict().items() if ".layers." in k}, args.save_weights)
     t = time.perf_counter()
     res["quality"] = perplexity(model, ev, batch_size=4)
     res["eval_seconds"] = time.perf_counter() - t

@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> Path:
             row = {"pattern": pattern, "method": label, "run": doc.get("runs", 1), "quality": q, "prune_seconds": wall,
                    "peak_rss_mb": peak / 2**20, "timings": report.timings, "alpha": report.alpha,
                    "alpha_search": report.alpha_search, "sequential": report.sequential,
+                   "sequential_unit": report.config.get("sequential_unit"),
                    "sparsity": report.overall_sparsity, "sites": len(report.sites)}
             doc["rows"].append(row)
             print(f"{pattern:>5} {label:<24} {settings['metric']} {q:9.3f}  prune {wall:7.1f}s  "
@@ -132,8 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calib-images", type=int, default=1000)
     p.add_argument("--test-images", type=int, default=10000)
     p.add_argument("--sequential", choices=["on", "off"], default=None)
-    p.add_argument("--sequential-unit", choices=["block", "group"], default="block",
-                   help="sequential granularity (default block, the library's default)")
+    p.add_argument("--sequential-unit", choices=["auto", "block", "group"], default="auto",
+                   help="sequential granularity (default auto, the library's default: group for "
+                        "sparsegpt/optima bases, block for wanda/magnitude)")
     p.add_argument("--prefix", default="quality")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--append", action="store_true",

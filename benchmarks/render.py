@@ -62,6 +62,8 @@ def quality_table(doc: dict[str, Any]) -> str:
             else:
                 vs = f"{r['quality'] - b:+.2f} pts"
         alpha = f" (α={r['alpha']:g})" if r.get("alpha") is not None else ""
+        if unit == "auto" and r.get("sequential_unit") and "@" not in r["method"]:
+            alpha += f" [{r['sequential_unit']}]"  # what "auto" chose for this row
         lines.append(f"| {r['pattern']} | {r['method']}{alpha} | {r['quality']:.2f} | {vs} | "
                      f"{r['prune_seconds']:.1f} | {t_ratio} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
@@ -81,6 +83,7 @@ TITLES = {
     "peers_agreement_smollm2": "SmolLM2-135M: our SparseGPT and llm-compressor's on identical inputs",
     "speed_smollm2": "SmolLM2-135M: pruning time and memory, ratios to SparseGPT",
     "quality_resnet20": "ResNet-20 (CIFAR-10): top-1",
+    "quality-block_resnet20": "ResNet-20 (CIFAR-10): top-1 with the block sequential unit",
     "quality_resnet56": "ResNet-56 (CIFAR-10): top-1",
     "deploy": "Deployment: ONNX Runtime parity and file sizes",
 }
@@ -99,14 +102,17 @@ def _order(path: Path) -> tuple[int, str]:
 
 
 def seed_summary(docs: dict[int, dict[str, Any]]) -> str | None:
-    """One row per (pattern, method) that ``peers.py`` ran on two or more calibration seeds: each
+    """One row per (pattern, method, sequential unit) that ``peers.py`` ran on two or more calibration seeds: each
     seed's perplexity (peer / ours), the means, the mean ratio and the range of time ratios."""
     cells: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
     for seed, doc in docs.items():
         for r in doc.get("pairs", []):
             p, o = r.get("peer") or {}, r.get("ours") or {}
             if "quality" in p and "quality" in o:
-                cells.setdefault((r["pattern"], r["method"]), {})[seed] = {
+                # keyed by the unit the row really ran with: the default unit changed between runs
+                unit = o.get("sequential_unit")
+                label = f"{r['method'].split('@')[0]}, {unit}" if unit else r["method"]
+                cells.setdefault((r["pattern"], label), {})[seed] = {
                     "peer": p["quality"], "ours": o["quality"], "time": o["prune_seconds"] / p["prune_seconds"]}
     seeds = sorted(docs)
     rows = [(k, v) for k, v in cells.items() if len(v) >= 2]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from .config import SparsifyConfig
+from .config import SparsifyConfig, default_sequential_unit
 from .errors import CalibrationError, ConfigError, PatternError
 from .masks import check_pattern
 from .passes.apply import write_weights
@@ -141,6 +141,7 @@ def sparsify(
     cfg = config or SparsifyConfig(sparsity=sparsity, method=method, **options)
     if config is not None and options:
         raise ConfigError(f"pass options inside config, not both: {sorted(options)}")
+    cfg = cfg.replace(sequential_unit=default_sequential_unit(cfg))  # "auto" → what it means here
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     batches = list(iter_batches(calibration, max_batches))

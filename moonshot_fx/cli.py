@@ -359,8 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     seq.add_argument("--sequential", dest="sequential", action="store_true", default=None,
                      help="prune in graph order on already-pruned inputs (default: automatic)")
     seq.add_argument("--no-sequential", dest="sequential", action="store_false")
-    p.add_argument("--sequential-unit", choices=["block", "group"], default=None,
-                   help="sequential granularity: a whole repeated block at once (default) or each input group")
+    p.add_argument("--sequential-unit", choices=["auto", "block", "group"], default=None,
+                   help="sequential granularity: a whole repeated block at once or each input group "
+                        "(default auto: group for sparsegpt/optima, block for wanda/magnitude)")
     p.add_argument("--fisher", choices=["auto", "token", "sample", "weight"], default=None,
                    help="MOONSHOT Fisher kind (default auto: sample-level for CNNs, token-level otherwise)")
     p.add_argument("--include", action="append", metavar="GLOB", help="only prune weights matching GLOB (repeatable)")

@@ -109,3 +109,36 @@ def test_segments_keep_a_shared_group_whole() -> None:
 def test_unknown_sequential_unit_is_refused() -> None:
     with pytest.raises(moonshot_fx.ConfigError, match="sequential_unit"):
         moonshot_fx.SparsifyConfig(sequential_unit="layer")
+
+
+@pytest.mark.parametrize("method, base, unit", [
+    ("sparsegpt", "sparsegpt", "group"), ("optima", "sparsegpt", "group"),
+    ("wanda", "sparsegpt", "block"), ("magnitude", "sparsegpt", "block"),
+    ("moonshot", "sparsegpt", "group"), ("moonshot", "optima", "group"),
+    ("moonshot", "wanda", "block"), ("moonshot", "magnitude", "block"),
+])
+def test_auto_unit_follows_whether_the_pruner_refits_weights(method: str, base: str, unit: str) -> None:
+    from moonshot_fx.config import default_sequential_unit
+
+    cfg = moonshot_fx.SparsifyConfig(method=method, base=base)
+    assert cfg.sequential_unit == "auto"
+    assert default_sequential_unit(cfg) == unit
+    for explicit in ("block", "group"):  # an explicit choice is never overridden
+        assert default_sequential_unit(cfg.replace(sequential_unit=explicit)) == explicit
+
+
+@pytest.mark.parametrize("method, unit", [("sparsegpt", "group"), ("wanda", "block")])
+def test_default_unit_prunes_like_the_unit_it_resolves_to(stack, method: str, unit: str) -> None:
+    model, batches = stack
+    got: dict[str, dict[str, torch.Tensor]] = {}
+    for kw in ({}, {"sequential_unit": unit}, {"sequential_unit": "block" if unit == "group" else "group"}):
+        m = Stack()
+        m.load_state_dict(model.state_dict())
+        moonshot_fx.sparsify(m, batches[0], calibration=batches, sparsity=0.5, method=method, progress=False,
+                             sequential=True, **kw)
+        assert m.moonshot_report.config["sequential_unit"] == kw.get("sequential_unit", unit)  # resolved, not "auto"
+        got[kw.get("sequential_unit", "default")] = {n: m.get_parameter(n).detach().clone() for n in SITES}
+    other = "block" if unit == "group" else "group"
+    for n in SITES:
+        assert torch.equal(got["default"][n], got[unit][n])
+    assert any(not torch.equal(got["default"][n], got[other][n]) for n in SITES)  # the units really differ
