@@ -3,8 +3,9 @@ windows with both and compare the weights they produce.
 
     python benchmarks/peers_agreement.py --pattern 2:4 --seed 0
 
-Layer 0 sees identical inputs on both sides (the embeddings of the same token ids, then dense
-layer-0 weights inside the block), so any difference there comes from the pruning itself. For
+Ours runs with ``sequential_unit="block"``, llm-compressor's unit. Layer 0 then sees identical
+inputs on both sides (the embeddings of the same token ids, then dense layer-0 weights inside the
+block), so any difference there comes from the pruning itself. For
 each layer-0 site the script reports the fraction of mask entries that agree, the relative
 difference of the pruned weights, and both sides' reconstruction error
 ``tr(Δ H Δᵀ) / tr(W H Wᵀ)`` with ``H = XᵀX`` from forward hooks on the eager transformers model,
@@ -135,8 +136,9 @@ def run(args: argparse.Namespace) -> Path:
     model = load_dense()
     dense = {k: v.clone() for k, v in model.state_dict().items() if ".layers." in k}
     batches = [cal[i:i + args.batch] for i in range(0, cal.shape[0], args.batch)]
+    # llm-compressor's pipeline is block-sequential: the same unit, so layer 0 sees the same inputs
     moonshot_fx.sparsify(model, calibration=[{"input_ids": b} for b in batches], sparsity=args.pattern,
-                         method="sparsegpt", progress=False)
+                         method="sparsegpt", sequential_unit="block", progress=False)
     ours = {k: v for k, v in model.state_dict().items() if ".layers." in k}
     ours_q = data.perplexity(model, ev, batch_size=4)
     del model
@@ -145,7 +147,7 @@ def run(args: argparse.Namespace) -> Path:
     doc = {"model": "smollm2", "command": " ".join(["python", "benchmarks/peers_agreement.py", *sys.argv[1:]]),
            "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
            "settings": {"pattern": args.pattern, "calibration": f"{args.calib_windows}x{args.seqlen} tokens wikitext2_valid "
-                        f"seed {args.seed} (batch {args.batch})",
+                        f"seed {args.seed} (batch {args.batch}); ours with sequential_unit='block'",
                         "evaluation": f"first {ev.shape[0]}x{args.seqlen} tokens wikitext2_raw_test"},
            "peer_version": peer_res.get("llmcompressor", "?"), "peer_quality": peer_res["quality"], "ours_quality": ours_q,
            "comparison": compare(dense, peer, ours, layer0_hessians(batches))}
