@@ -77,8 +77,9 @@ def generic_table(doc: dict[str, Any]) -> str:
 
 #: section order and titles of the result files (others follow alphabetically under their name)
 TITLES = {
-    "quality_smollm2": "SmolLM2-135M: quality, all methods",
-    "quality-group_smollm2": "SmolLM2-135M: quality with group-level (\"true\") sequential pruning, the previous default",
+    "quality_smollm2": "SmolLM2-135M: quality with the default sequential unit (auto)",
+    "quality-block_smollm2": "SmolLM2-135M: quality, all methods, block sequential unit",
+    "quality-group_smollm2": "SmolLM2-135M: quality, group sequential unit (measured before the rounding-level change)",
     "peers_smollm2": "SmolLM2-135M: against llm-compressor",
     "peers_agreement_smollm2": "SmolLM2-135M: our SparseGPT and llm-compressor's on identical inputs",
     "speed_smollm2": "SmolLM2-135M: pruning time and memory, ratios to SparseGPT",
