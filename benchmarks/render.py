@@ -79,7 +79,7 @@ def generic_table(doc: dict[str, Any]) -> str:
 TITLES = {
     "quality_smollm2": "SmolLM2-135M: quality with the default sequential unit (auto)",
     "quality-block_smollm2": "SmolLM2-135M: quality, all methods, block sequential unit",
-    "quality-group_smollm2": "SmolLM2-135M: quality, group sequential unit (measured before the rounding-level change)",
+    "quality-group_smollm2": "SmolLM2-135M: quality, group sequential unit (earlier runs: see each row's run in the JSON)",
     "peers_smollm2": "SmolLM2-135M: against llm-compressor",
     "peers_agreement_smollm2": "SmolLM2-135M: our SparseGPT and llm-compressor's on identical inputs",
     "speed_smollm2": "SmolLM2-135M: pruning time and memory, ratios to SparseGPT",
