@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         t = model.moonshot_report.timings
         rows.append({"method": label, "wall": wall, "gradients": t.get("gradients", 0.0),
                      "alpha_search": t.get("alpha_search", 0.0), "prune_step": wall - t.get("gradients", 0.0) - t.get("alpha_search", 0.0),
-                     "peak_rss_mb": peak / 2**20})
+                     "peak_rss_mb": peak / 2**20, "sequential_unit": model.moonshot_report.config.get("sequential_unit")})
         print(f"{label:<22} wall {wall:7.1f}s  prune step {rows[-1]['prune_step']:7.1f}s  "
               f"gradients {rows[-1]['gradients']:6.1f}s  peak RSS {peak / 2**20:6.0f} MB", flush=True)
     model.load_state_dict(dense)
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         base = by.get(r["method"].split("-")[1]) if r["method"].startswith("moonshot-") else None
         step_ratio = f"{r['prune_step'] / base['prune_step']:.2f}×" if base else "–"
-        lines.append(f"| {r['method']} | {r['wall']:.1f} | {r['wall'] / ref['wall']:.2f}× | {r['prune_step']:.1f} | {step_ratio} | "
+        unit = f" [{r['sequential_unit']}]" if r.get("sequential_unit") else ""
+        lines.append(f"| {r['method']}{unit} | {r['wall']:.1f} | {r['wall'] / ref['wall']:.2f}× | {r['prune_step']:.1f} | {step_ratio} | "
                      f"{r['gradients']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}× |")
     md = "\n".join(lines)
     write_json(RESULTS / f"speed_{args.model}.json", {"model": args.model, "pattern": args.pattern, "settings": settings,
