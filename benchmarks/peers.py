@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -116,13 +116,15 @@ def load_dense() -> Any:
     return model.eval()
 
 
-def run_peer(method: str, pattern: str, args: argparse.Namespace, calib: Path, ev: Path) -> dict[str, Any]:
+def run_peer(method: str, pattern: str, args: argparse.Namespace, calib: Path, ev: Path,
+             extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Run ``peers_worker.py`` in the peer venv (``extra``: more worker arguments); its result dict."""
     tag = f"{method}_{pattern.replace(':', 'of')}"
     out, log_path = WORK / f"peer_{tag}.json", WORK / f"peer_{tag}.log"
     out.unlink(missing_ok=True)
     cmd = [str(VENV_PY), str(HERE / "peers_worker.py"), "--model-dir", str(HF_DIR), "--calib", str(calib),
            "--eval", str(ev), "--method", method, "--sparsity", pattern, "--batch", str(args.batch),
-           "--max-wait", str(args.max_wait), "--out", str(out)]
+           "--max-wait", str(args.max_wait), "--out", str(out), *extra]
     with open(log_path, "w") as f:
         proc = subprocess.run(cmd, cwd=WORK, stdout=f, stderr=subprocess.STDOUT)
     lines = log_path.read_text(errors="replace").splitlines()
@@ -199,16 +201,21 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> Path:
+def prepare(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Peer venv and HF directory ready, work folder made; returns ``(calibration windows,
+    evaluation windows)`` from ``args.calib_windows`` / ``seqlen`` / ``seed`` / ``eval_windows``."""
     ensure_venv()
     ensure_hf_dir()
     WORK.mkdir(parents=True, exist_ok=True)
     tok = gguf_tokenizer()
-    ids = data.tokenize(tok, data.load_text("wikitext2_valid"))
-    cal = data.calibration_windows(ids, args.calib_windows, args.seqlen, seed=args.seed)
-    test = data.tokenize(tok, data.load_text("wikitext2_test"))
-    ev = data.eval_windows(test, args.seqlen, args.eval_windows)
-    del tok, ids, test
+    cal = data.calibration_windows(data.tokenize(tok, data.load_text("wikitext2_valid")),
+                                   args.calib_windows, args.seqlen, seed=args.seed)
+    ev = data.eval_windows(data.tokenize(tok, data.load_text("wikitext2_test")), args.seqlen, args.eval_windows)
+    return cal, ev
+
+
+def run(args: argparse.Namespace) -> Path:
+    cal, ev = prepare(args)
     calib_path = WORK / f"calib_{args.calib_windows}x{args.seqlen}_seed{args.seed}.pt"
     eval_path = WORK / f"eval_{ev.shape[0]}x{args.seqlen}.pt"
     torch.save(cal, calib_path)

@@ -19,9 +19,7 @@ Runs llm-compressor through ``peers_worker.py`` in the venv ``peers.py`` creates
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import RESULTS, machine, write_json  # noqa: E402
-from peers import HF_DIR, VENV_PY, WORK, ensure_hf_dir, ensure_venv, gguf_tokenizer, load_dense, log  # noqa: E402
+from peers import WORK, load_dense, log, prepare, run_peer  # noqa: E402
 
 import moonshot_fx  # noqa: E402
 from moonshot_fx import data  # noqa: E402
@@ -110,26 +108,16 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> Path:
-    ensure_venv()
-    ensure_hf_dir()
-    WORK.mkdir(parents=True, exist_ok=True)
-    tok = gguf_tokenizer()
-    cal = data.calibration_windows(data.tokenize(tok, data.load_text("wikitext2_valid")),
-                                   args.calib_windows, args.seqlen, seed=args.seed)
-    ev = data.eval_windows(data.tokenize(tok, data.load_text("wikitext2_test")), args.seqlen, args.eval_windows)
+    cal, ev = prepare(args)
     tag = f"{args.pattern.replace(':', 'of')}_seed{args.seed}"
     calib_path, eval_path = WORK / f"agree_calib_{tag}.pt", WORK / f"agree_eval_{tag}.pt"
     torch.save(cal, calib_path)
     torch.save(ev, eval_path)
-    peer_w, peer_json = WORK / f"agree_peer_{tag}.pt", WORK / f"agree_peer_{tag}.json"
+    peer_w = WORK / f"agree_peer_{tag}.pt"
 
     log(f"llm-compressor SparseGPT {args.pattern}")
-    with open(WORK / f"agree_peer_{tag}.log", "w") as f:
-        subprocess.run([str(VENV_PY), str(HERE / "peers_worker.py"), "--model-dir", str(HF_DIR), "--calib", str(calib_path),
-                        "--eval", str(eval_path), "--method", "sparsegpt", "--sparsity", args.pattern,
-                        "--batch", str(args.batch), "--max-wait", "0", "--out", str(peer_json),
-                        "--save-weights", str(peer_w)], cwd=WORK, stdout=f, stderr=subprocess.STDOUT, check=True)
-    peer_res = json.loads(peer_json.read_text())
+    peer_res = run_peer("sparsegpt", args.pattern, argparse.Namespace(batch=args.batch, max_wait=0), calib_path,
+                        eval_path, extra=["--save-weights", str(peer_w)])
     peer = torch.load(peer_w, weights_only=True)
 
     log(f"moonshot-fx SparseGPT {args.pattern}")

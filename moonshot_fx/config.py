@@ -248,4 +248,3 @@ def default_sequential_unit(config: SparsifyConfig) -> str:
         return config.sequential_unit
     pruner = config.base if config.method == "moonshot" else config.method
     return "group" if pruner in WEIGHT_UPDATING else "block"
-
