@@ -9,7 +9,7 @@ invocation runs in the same process on the same calibration data, so time ratios
 
 Settings (documented defaults):
 * smollm2 — SmolLM2-135M; calibration: ``--calib-windows`` (128) × 512 tokens of wikitext2_valid,
-  seed 0; evaluation: the first ``--eval-windows`` (32) non-overlapping 512-token windows of
+  seed 0 (`--seed` picks other windows, as in `peers.py`); evaluation: the first ``--eval-windows`` (32) non-overlapping 512-token windows of
   wikitext2_raw_test.
 * stories260k — calibration: 64 × 256 tokens sampled from the dense model (seed 0); evaluation:
   all 128-token windows of tinystories_sample.txt.
@@ -39,10 +39,10 @@ def lm_setup(name: str, args: argparse.Namespace) -> tuple[Any, list[Any], Calla
     if name == "smollm2":
         model, tok = data.load_smollm2(progress=False)
         ids = data.tokenize(tok, data.load_text("wikitext2_valid"))
-        cal = data.calibration_windows(ids, args.calib_windows, args.seqlen, seed=0)
+        cal = data.calibration_windows(ids, args.calib_windows, args.seqlen, seed=args.seed)
         test = data.tokenize(tok, data.load_text("wikitext2_test"))
         ev = data.eval_windows(test, args.seqlen, args.eval_windows)
-        settings = {"calibration": f"{args.calib_windows}x{args.seqlen} tokens wikitext2_valid seed 0",
+        settings = {"calibration": f"{args.calib_windows}x{args.seqlen} tokens wikitext2_valid seed {args.seed}",
                     "evaluation": f"first {ev.shape[0]}x{args.seqlen} tokens wikitext2_raw_test", "metric": "perplexity"}
     else:
         model, tok = data.load_stories260k()
@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0,
+                   help="which calibration windows (smollm2; the same windows as peers.py --seed)")
     p.add_argument("--calib-images", type=int, default=1000)
     p.add_argument("--test-images", type=int, default=10000)
     p.add_argument("--sequential", choices=["on", "off"], default=None)
