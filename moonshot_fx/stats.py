@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,35 @@ def accumulate_hessian(h: torch.Tensor | None, rows: torch.Tensor, weights: torc
     return update if h is None else h.add_(update)
 
 
+def mixed_curvature(rows: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
+    """MOONSHOT's ``H_mix = α·H/c_rec + (1 − α)·F/c_tay`` for the token-level Fisher, in one product.
+
+    ``rows[b]`` are batch ``b``'s input rows, ``weights[b]`` their ``‖δ_t‖²``. With
+    ``S_h = Σ_t ‖x_t‖²`` and ``S_f = Σ_t w_t‖x_t‖²`` over all batches, the normalisers are
+    ``c_rec = S_h / (N·d)`` and ``c_tay = S_f / (N·d)``, so
+
+        H_mix = d · Xᵀ diag(α / S_h + (1 − α) · w_t / S_f) X,
+
+    one weighted ``XᵀX`` instead of ``XᵀX`` plus ``Xᵀdiag(w)X``. Needs every row at once (the
+    sequential passes have them: all batches advance together). A zero ``S_h`` or ``S_f`` drops
+    that term, as :func:`moonshot_fx.pruners.mix_hessians` does. Returned in fp64 (sums of
+    per-batch fp32 products, as :func:`accumulate_hessian`).
+    """
+    if len(rows) != len(weights) or not rows:
+        raise ValueError("mixed_curvature needs one weight vector per batch of rows, and at least one batch")
+    sq = [r.to(ACC_DTYPE).square().sum(dim=1) for r in rows]  # ‖x_t‖² per row, fp64
+    s_h = float(sum(float(q.sum()) for q in sq))
+    s_f = float(sum(float((q * w.to(ACC_DTYPE)).sum()) for q, w in zip(sq, weights)))
+    d = rows[0].shape[1]
+    a = d * alpha / s_h if s_h > 0 else 0.0
+    b = d * (1.0 - alpha) / s_f if s_f > 0 else 0.0
+    out: torch.Tensor | None = None
+    for r, w in zip(rows, weights):
+        out = accumulate_hessian(out, r, a + b * w.to(ACC_DTYPE))
+    assert out is not None
+    return out
+
+
 def token_fisher(rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
     """``Xᵀ diag(‖δ_t‖²) X`` for one batch."""
     return accumulate_hessian(None, rows, grad_rows.to(ACC_DTYPE).square().sum(dim=1))
@@ -127,6 +156,8 @@ class LayerStats:
     rows: int = 0
     batches: int = 0
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)  # per site name
+    #: MOONSHOT's H_mix per site, formed directly (:func:`mixed_curvature`) instead of H and F
+    mixed: dict[str, torch.Tensor] = field(default_factory=dict)
     #: keep only diagonals (squared column norms): all Wanda needs, O(d) instead of O(d²) work
     diagonal_only: bool = False
 
@@ -165,6 +196,25 @@ class LayerStats:
         else:
             update = accumulate_hessian(None, rows, weights)
         self.add_fisher(site, update)
+
+    def add_mixed(self, site: str, rows: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], alpha: float) -> None:
+        """Form ``site``'s ``H_mix`` from every row at once (see :func:`mixed_curvature`); no
+        ``XᵀX`` or Fisher is kept for it. Call once per site, with all of the group's rows."""
+        if site in self.mixed:
+            raise ValueError(f"H_mix of {site!r} is formed once, from all rows; it cannot be accumulated")
+        mix = mixed_curvature(rows, weights, alpha)
+        if not torch.isfinite(torch.diagonal(mix)).all():
+            from .errors import CalibrationError
+
+            raise CalibrationError(
+                "non-finite activations or gradients reached a prunable layer during calibration; check the "
+                "calibration inputs (token ids in range, images normalised) and the model's dtype.")
+        self.mixed[site] = mix
+
+    def mixed_hessian(self, site: str) -> torch.Tensor | None:
+        """``site``'s ``H_mix`` in fp32 when it was formed directly, else None."""
+        m = self.mixed.get(site)
+        return None if m is None else m.to(torch.float32)
 
     def add_fisher(self, site: str, update: torch.Tensor) -> None:
         """Accumulate a Fisher term for ``site``."""

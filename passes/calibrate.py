@@ -62,9 +62,12 @@ class StatsCollector:
     """The ``on_site`` hook that accumulates statistics into ``stats`` (group → LayerStats)."""
 
     def __init__(self, sites: Sequence[Site], row_weights: dict[str, list[torch.Tensor]] | None = None,
-                 diagonal_only: bool = False):
+                 diagonal_only: bool = False, mix_alpha: float | None = None):
         self.sites = list(sites)
         self.diagonal_only = diagonal_only
+        #: MOONSHOT's fixed α (token Fisher): form each site's H_mix in one product when a call
+        #: brings all of a group's rows (the sequential passes), instead of XᵀX plus Xᵀdiag(w)X
+        self.mix_alpha = mix_alpha
         self.accumulate_at = accumulating_nodes(self.sites)
         self.groups = group_sites(self.sites)
         self.stats: dict[str, LayerStats] = {}
@@ -77,6 +80,16 @@ class StatsCollector:
         if group is None:
             return
         st = self.stats.setdefault(group, LayerStats(diagonal_only=self.diagonal_only))
+        if self._mix_directly(group, st):
+            rows = [input_rows(x.detach(), site.kind, site.conv) for x in xs]
+            for s in self.groups[group]:
+                weights = [self.row_weights[s.name][self.batch_offset + b] for b in range(len(rows))]
+                if any(w.shape[0] != r.shape[0] for w, r in zip(weights, rows)):
+                    raise CalibrationError(f"{s.name}: the gradient pass saw other inputs than calibration does")
+                st.add_mixed(s.name, rows, weights, float(self.mix_alpha))  # type: ignore[arg-type]
+            st.rows += sum(r.shape[0] for r in rows)
+            st.batches += len(rows)
+            return
         for b, x in enumerate(xs):
             rows = input_rows(x.detach(), site.kind, site.conv)
             st.add_rows(rows)
@@ -88,6 +101,13 @@ class StatsCollector:
                     w = weights[self.batch_offset + b][start : start + rows.shape[0]]
                     self.cursor[key] = start + rows.shape[0]
                     st.add_token_fisher(s.name, rows, w)
+
+
+    def _mix_directly(self, group: str, st: LayerStats) -> bool:
+        """Whether this group's H_mix can be formed from this one call's rows: a fixed α, full
+        matrices, every site with row weights and used at one place only, nothing accumulated yet."""
+        return (self.mix_alpha is not None and not self.diagonal_only and st.hessian is None and not st.mixed
+                and all(len(s.nodes) == 1 and s.name in self.row_weights for s in self.groups[group]))
 
 
 def collect_hessians(

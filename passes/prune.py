@@ -29,7 +29,9 @@ class SiteResult:
     weight: torch.Tensor  # new value, shaped like the parameter
     pattern: str
     sparsity: float  # achieved fraction of zeros
-    rel_error: float  # ‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖² on the calibration statistics
+    #: ‖X(W−Ŵ)ᵀ‖² / ‖XWᵀ‖² on the calibration statistics: tr(ΔCΔᵀ)/tr(WCWᵀ) with C = H, or
+    #: MOONSHOT's H_mix where the sequential pass formed it instead of H (token Fisher, fixed α)
+    rel_error: float
     seconds: float
 
 
@@ -60,7 +62,8 @@ def prune_group(
 ) -> list[SiteResult]:
     """Prune every site of one input group against the group's shared Hessian."""
     weights = weights or {}
-    H = stats.mean_hessian() if config.method != "magnitude" else None
+    # MOONSHOT's H_mix formed directly per site (sequential, token Fisher): no shared H exists
+    H = stats.mean_hessian() if config.method != "magnitude" and not getattr(stats, "mixed", None) else None
     shared_u = None
     if config.method == "sparsegpt" and H is not None and len(sites) > 1:
         prepared, _ = prepare_hessian(H)
@@ -75,7 +78,12 @@ def prune_group(
         options: dict[str, Any] = {"dampening": config.dampening, "blocksize": config.blocksize}
         if shared_u is not None:
             options["hinv_upper"] = shared_u
-        if config.method == "moonshot":
+        mixed = stats.mixed_hessian(site.name) if getattr(stats, "mixed", None) else None
+        if mixed is not None:  # H_mix already: the base pruner runs on it as is
+            options.update(alpha=config.alpha if alpha is None else alpha, base=config.base)
+            if config.base == "optima":
+                options["mask_from"] = config.mask_from
+        elif config.method == "moonshot":
             fisher = None
             if config.fisher == "token" and site.name in stats.fisher:
                 fisher = stats.mean_fisher(site.name)
@@ -87,7 +95,8 @@ def prune_group(
                 options["mask_from"] = config.mask_from
         elif config.method == "optima":
             options["mask_from"] = config.mask_from
-        Hd = H.to(device) if H is not None else None
+        curvature = mixed if mixed is not None else H
+        Hd = curvature.to(device) if curvature is not None else None
         new, _ = prune_layer(W, Hd, pattern, method=config.method, **options)
         if Hd is not None and not getattr(stats, "diagonal_only", False):
             base = quadratic_error(W, torch.zeros_like(W), Hd)

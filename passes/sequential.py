@@ -51,7 +51,9 @@ def sequential_prune(
     """Prune every site sequentially; returns name → result (the model is not modified)."""
     substitutes: dict[str, torch.Tensor] = {}
     results: dict[str, SiteResult] = {}
-    collector = StatsCollector(sites, row_weights, needs_diagonal_only(config))
+    mix_alpha = alpha if (config.method == "moonshot" and config.fisher == "token" and alpha is not None
+                          and alpha < 1.0 and row_weights) else None
+    collector = StatsCollector(sites, row_weights, needs_diagonal_only(config), mix_alpha=mix_alpha)
 
     def prune(group: str) -> None:
         stats = collector.stats.pop(group, None)

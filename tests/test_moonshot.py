@@ -96,3 +96,18 @@ def test_auto_fisher_kind_follows_the_base(base, expected):
                          progress=False)
     assert model.moonshot_report.config["fisher"] == expected
     assert moonshot_fx.check_pattern(model[2].weight.detach(), "2:4")
+
+
+@pytest.mark.parametrize("alpha, zero_fisher", [(0.0, False), (0.3, False), (0.75, False), (0.3, True)])
+def test_mixed_curvature_in_one_product_equals_mixing_h_and_f(alpha, zero_fisher):
+    from moonshot_fx.stats import mixed_curvature
+
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(200, 24, generator=g) * torch.linspace(0.1, 3.0, 24) for _ in range(3)]
+    weights = [torch.rand(200, generator=g) ** 3 * (0.0 if zero_fisher else 1.0) for _ in range(3)]
+    n = sum(r.shape[0] for r in rows)
+    H = sum(r.double().T @ r.double() for r in rows) / n
+    F = sum((r.double() * w.double()[:, None]).T @ r.double() for r, w in zip(rows, weights)) / n
+    got = mixed_curvature(rows, weights, alpha)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got.float(), mix_hessians(H, F, alpha), rtol=2e-5, atol=1e-6)

@@ -142,3 +142,31 @@ def test_default_unit_prunes_like_the_unit_it_resolves_to(stack, method: str, un
     for n in SITES:
         assert torch.equal(got["default"][n], got[unit][n])
     assert any(not torch.equal(got["default"][n], got[other][n]) for n in SITES)  # the units really differ
+
+
+@pytest.mark.parametrize("unit", ["block", "group"])
+def test_moonshot_forms_h_mix_in_one_product_with_the_same_result(stack, unit: str, monkeypatch) -> None:
+    """Sequential MOONSHOT (token Fisher, fixed α) forms each site's H_mix directly; pruning
+    matches the path that accumulates XᵀX and the Fisher separately and mixes them."""
+    from moonshot_fx.passes.calibrate import StatsCollector
+    from moonshot_fx.stats import LayerStats
+
+    model, batches = stack
+    kw = dict(method="moonshot", base="sparsegpt", alpha=0.5, fisher="token", sequential=True, sequential_unit=unit)
+    calls: list[str] = []
+    real = LayerStats.add_mixed
+    monkeypatch.setattr(LayerStats, "add_mixed", lambda self, site, *a: (calls.append(site), real(self, site, *a))[1])
+    m = Stack()
+    m.load_state_dict(model.state_dict())
+    moonshot_fx.sparsify(m, batches[0], calibration=batches, sparsity="2:4", progress=False, **kw)
+    assert sorted(calls) == sorted(SITES)
+    fused = {n: m.get_parameter(n).detach().clone() for n in SITES}
+    errors = {s.name: s.rel_error for s in m.moonshot_report.sites}
+
+    monkeypatch.setattr(StatsCollector, "_mix_directly", lambda self, group, st: False)
+    m.load_state_dict(model.state_dict())
+    moonshot_fx.sparsify(m, batches[0], calibration=batches, sparsity="2:4", progress=False, **kw)
+    for n in SITES:
+        assert torch.equal(fused[n] != 0, m.get_parameter(n) != 0), n
+        torch.testing.assert_close(fused[n], m.get_parameter(n).detach(), rtol=1e-4, atol=1e-5)
+    assert all(0.0 < e < 1.0 for e in errors.values())
