@@ -8,7 +8,12 @@ from typing import Any
 
 @dataclass
 class SiteReport:
-    """One pruned weight."""
+    """One pruned weight.
+
+    ``rel_error`` is ``tr(ΔCΔᵀ) / tr(WCWᵀ)`` on the calibration statistics (``Δ = W − Ŵ``): with
+    ``C = XᵀX`` the relative reconstruction error, except for MOONSHOT sites whose sequential pass
+    formed ``H_mix`` directly (token Fisher, fixed α), where ``C = H_mix``, the objective minimised.
+    NaN for Wanda (only diagonals are kept) and magnitude (no statistics)."""
 
     name: str
     pattern: str
