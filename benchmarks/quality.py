@@ -3,7 +3,8 @@
     python benchmarks/quality.py --model smollm2 --patterns 2:4 0.5 \
         --methods magnitude wanda sparsegpt moonshot-sparsegpt moonshot-wanda
 
-Writes ``benchmarks/results/quality_<model>.json`` (after every row, atomically) and re-renders
+Writes ``benchmarks/results/quality_<model>.json`` (``…_seed<N>.json`` with ``--seed N``; after
+every row, atomically) and re-renders
 ``benchmarks/results/quality.md`` and the README table (see ``render.py``). Every method of one
 invocation runs in the same process on the same calibration data, so time ratios are fair.
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> Path:
     extra["sequential_unit"] = args.sequential_unit
     settings["sequential_unit"] = args.sequential_unit
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    out_path = RESULTS / f"{args.prefix}_{args.model}.json"
+    out_path = RESULTS / f"{args.prefix}_{args.model}{f'_seed{args.seed}' if args.seed else ''}.json"
     doc: dict[str, Any] = {"model": args.model, "settings": settings, "machine": machine(),
                            "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": []}
     if args.append and out_path.exists():

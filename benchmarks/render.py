@@ -136,29 +136,68 @@ def seed_summary(docs: dict[int, dict[str, Any]]) -> str | None:
     return "\n".join(lines)
 
 
-def _seed_section(docs: dict[int, dict[str, Any]]) -> list[str]:
-    summary = seed_summary(docs) if docs else None
-    return [] if summary is None else [
-        f"### SmolLM2-135M: against llm-compressor over calibration seeds\n\n"
-        f"_peers_smollm2.json, peers_smollm2_seed*.json_\n\n{summary}"]
+def moonshot_seed_summary(docs: dict[int, dict[str, Any]]) -> str | None:
+    """One row per (pattern, MOONSHOT method) that ``quality.py --seed`` ran, next to its base
+    pruner in the same file, on two or more calibration seeds: each seed's perplexity (base /
+    MOONSHOT), the means and the mean change."""
+    cells: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
+    for seed, doc in docs.items():
+        by_key = {(r["pattern"], r["method"]): r for r in doc.get("rows", []) if "error" not in r}
+        for (pattern, method), r in by_key.items():
+            base = _base_of(method)
+            if base and (pattern, base) in by_key:
+                cells.setdefault((pattern, method), {})[seed] = (by_key[(pattern, base)]["quality"], r["quality"])
+    seeds = sorted(docs)
+    rows = [(k, v) for k, v in cells.items() if len(v) >= 2]
+    if not rows:
+        return None
+    lines = ["Perplexity, base pruner / MOONSHOT, on each calibration set `quality.py --seed N` used (the "
+             "seed picks the 32 wikitext2_valid windows; evaluation is the same); mean change = mean of the "
+             "per-seed changes.", "",
+             "| pattern | method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean base | mean MOONSHOT | mean change |",
+             "|---|---|" + "---:|" * (len(seeds) + 3)]
+    for (pattern, method), by_seed in rows:
+        vals = list(by_seed.values())
+        changes = [m / b - 1 for b, m in vals]
+        per = [f"{by_seed[s][0]:.2f} / {by_seed[s][1]:.2f}" if s in by_seed else "–" for s in seeds]
+        lines.append(f"| {pattern} | {method} | " + " | ".join(per)
+                     + f" | {sum(b for b, _ in vals) / len(vals):.2f} | {sum(m for _, m in vals) / len(vals):.2f}"
+                     f" | {100 * sum(changes) / len(changes):+.1f}% ({len(vals)} seeds, "
+                     f"{100 * min(changes):+.1f}% to {100 * max(changes):+.1f}%) |")
+    return "\n".join(lines)
+
+
+#: result files repeated over calibration seeds: summary function and section title
+SEED_SUMMARIES = {
+    "peers_smollm2": (seed_summary, "SmolLM2-135M: against llm-compressor over calibration seeds"),
+    "quality_smollm2": (moonshot_seed_summary, "SmolLM2-135M: MOONSHOT against its base over calibration seeds"),
+}
+
+
+def _seed_section(stem: str, docs: dict[int, dict[str, Any]]) -> list[str]:
+    summarise, title = SEED_SUMMARIES[stem]
+    summary = summarise(docs) if len(docs) > 1 else None
+    return [] if summary is None else [f"### {title}\n\n_{stem}.json, {stem}_seed*.json_\n\n{summary}"]
 
 
 def render_all() -> str:
     """Write results/RESULTS.md and the README section; returns the markdown."""
     parts = []
-    peer_docs: dict[int, dict[str, Any]] = {}
+    seeded: tuple[str, dict[int, dict[str, Any]]] | None = None  # the stem being collected over seeds
     for path in sorted(RESULTS.glob("*.json"), key=_order):
         doc = json.loads(path.read_text())
         stem, seed = _seed_variant(path.stem)
-        if stem == "peers_smollm2":
-            peer_docs[int(seed or 0)] = doc
-        elif peer_docs:  # the summary follows the last seed's table
-            parts += _seed_section(peer_docs)
-            peer_docs = {}
+        if seeded and seeded[0] != stem:  # the summary follows the last seed's table
+            parts += _seed_section(*seeded)
+            seeded = None
+        if stem in SEED_SUMMARIES:
+            seeded = seeded or (stem, {})
+            seeded[1][int(seed or 0)] = doc
         title = TITLES.get(stem, stem) + (f", calibration seed {seed}" if seed else "")
         body = quality_table(doc) if "rows" in doc and "dense" in doc else generic_table(doc)
         parts.append(f"### {title}\n\n_{path.name}_\n\n{body}")
-    parts += _seed_section(peer_docs)
+    if seeded:
+        parts += _seed_section(*seeded)
     md = "\n\n".join(parts) if parts else "_No results yet: run the benchmarks._"
     write_text(RESULTS / "RESULTS.md", md + "\n")
     if README.exists():
