@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-windows", type=int, default=1)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="which calibration windows (smollm2), as quality.py --seed")
     p.add_argument("--calib-images", type=int, default=1000)
     p.add_argument("--test-images", type=int, default=100)
     args = p.parse_args(argv)
