@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> Path:
         doc["rows"] = [r for r in old["rows"] if (r["pattern"], r["method"]) not in redo]
         doc["command"] = f"{old['command']} + (appended) {doc['command']}"
         doc["runs"] = old.get("runs", 1) + 1
+        if "note" in old:  # written by hand: kept, and to be extended for the new run
+            doc["note"] = old["note"]
     t = time.perf_counter()
     dense_q = evaluate(model)
     doc["dense"] = {"quality": dense_q, "eval_seconds": time.perf_counter() - t}
