@@ -93,9 +93,12 @@ def accumulate_hessian(h: torch.Tensor | None, rows: torch.Tensor, weights: torc
     x = rows.to(MATMUL_DTYPE)
     if weights is None:
         update = gram(x)
+    elif bool((weights >= 0).all()):
+        # √w in the weights' own precision: MOONSHOT's fp64 weights can be far below float32's
+        # range (1/Σ‖x‖² for huge activations) while their square roots and x·√w are not
+        update = gram(x * weights.sqrt().to(MATMUL_DTYPE).unsqueeze(1))
     else:
-        w = weights.to(MATMUL_DTYPE)
-        update = gram(x * w.sqrt().unsqueeze(1)) if bool((w >= 0).all()) else (x * w.unsqueeze(1)).T @ x
+        update = (x * weights.to(MATMUL_DTYPE).unsqueeze(1)).T @ x
     update = update.to(ACC_DTYPE)
     return update if h is None else h.add_(update)
 

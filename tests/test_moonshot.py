@@ -111,3 +111,17 @@ def test_mixed_curvature_in_one_product_equals_mixing_h_and_f(alpha, zero_fisher
     got = mixed_curvature(rows, weights, alpha)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got.float(), mix_hessians(H, F, alpha), rtol=2e-5, atol=1e-6)
+
+
+def test_mixed_curvature_is_scale_free_where_xtx_would_overflow():
+    """H_mix does not depend on the scale of X; formed in one product it stays finite and exact
+    for activations whose XᵀX overflows float32 (the per-row scales are far below its range)."""
+    from moonshot_fx.stats import mixed_curvature
+
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randn(100, 16, generator=g) for _ in range(2)]
+    weights = [torch.rand(100, generator=g) for _ in range(2)]
+    plain = mixed_curvature(rows, weights, 0.5)
+    huge = mixed_curvature([r * 1e22 for r in rows], weights, 0.5)
+    assert torch.isfinite(huge).all()
+    torch.testing.assert_close(huge, plain, rtol=1e-5, atol=1e-7)
