@@ -93,12 +93,9 @@ def accumulate_hessian(h: torch.Tensor | None, rows: torch.Tensor, weights: torc
     x = rows.to(MATMUL_DTYPE)
     if weights is None:
         update = gram(x)
-    elif bool((weights >= 0).all()):
-        # √w in the weights' own precision: MOONSHOT's fp64 weights can be far below float32's
-        # range (1/Σ‖x‖² for huge activations) while their square roots and x·√w are not
-        update = gram(x * weights.sqrt().to(MATMUL_DTYPE).unsqueeze(1))
     else:
-        update = (x * weights.to(MATMUL_DTYPE).unsqueeze(1)).T @ x
+        w = weights.to(MATMUL_DTYPE)
+        update = gram(x * w.sqrt().unsqueeze(1)) if bool((w >= 0).all()) else (x * w.unsqueeze(1)).T @ x
     update = update.to(ACC_DTYPE)
     return update if h is None else h.add_(update)
 
@@ -115,7 +112,9 @@ def mixed_curvature(rows: Sequence[torch.Tensor], weights: Sequence[torch.Tensor
     one weighted ``XᵀX`` instead of ``XᵀX`` plus ``Xᵀdiag(w)X``. Needs every row at once (the
     sequential passes have them: all batches advance together). A zero ``S_h`` or ``S_f`` drops
     that term, as :func:`moonshot_fx.pruners.mix_hessians` does. Returned in fp64 (sums of
-    per-batch fp32 products, as :func:`accumulate_hessian`).
+    per-batch fp32 products, as :func:`accumulate_hessian`). The result does not depend on the
+    scale of ``X``: where the per-row scales fall below float32's range (activations whose ``XᵀX``
+    would overflow), the rows are scaled in fp64 before the float32 product.
     """
     if len(rows) != len(weights) or not rows:
         raise ValueError("mixed_curvature needs one weight vector per batch of rows, and at least one batch")
@@ -126,8 +125,13 @@ def mixed_curvature(rows: Sequence[torch.Tensor], weights: Sequence[torch.Tensor
     a = d * alpha / s_h if s_h > 0 else 0.0
     b = d * (1.0 - alpha) / s_f if s_f > 0 else 0.0
     out: torch.Tensor | None = None
+    tiny = torch.finfo(MATMUL_DTYPE).tiny
     for r, w in zip(rows, weights):
-        out = accumulate_hessian(out, r, a + b * w.to(ACC_DTYPE))
+        u = a + b * w.to(ACC_DTYPE)
+        if bool((u[u > 0] >= tiny).all()):
+            out = accumulate_hessian(out, r, u)
+        else:  # scales below float32's range (huge activations): apply √u in fp64 first
+            out = accumulate_hessian(out, (r.to(ACC_DTYPE) * u.sqrt().unsqueeze(1)).to(MATMUL_DTYPE))
     assert out is not None
     return out
 
