@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_text  # noqa: E402
+from common import DEFAULT_RESULTS, RESULTS, write_text  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -200,7 +200,7 @@ def render_all() -> str:
         parts += _seed_section(*seeded)
     md = "\n\n".join(parts) if parts else "_No results yet: run the benchmarks._"
     write_text(RESULTS / "RESULTS.md", md + "\n")
-    if README.exists():
+    if README.exists() and RESULTS == DEFAULT_RESULTS.resolve():  # only the real results go into the README
         text = README.read_text()
         if START in text and END in text:
             head, rest = text.split(START, 1)
