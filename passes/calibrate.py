@@ -102,7 +102,6 @@ class StatsCollector:
                     self.cursor[key] = start + rows.shape[0]
                     st.add_token_fisher(s.name, rows, w)
 
-
     def _mix_directly(self, group: str, st: LayerStats) -> bool:
         """Whether this group's H_mix can be formed from this one call's rows: a fixed α, full
         matrices, every site with row weights and used at one place only, nothing accumulated yet."""

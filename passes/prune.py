@@ -79,18 +79,15 @@ def prune_group(
         if shared_u is not None:
             options["hinv_upper"] = shared_u
         mixed = stats.mixed_hessian(site.name) if getattr(stats, "mixed", None) else None
-        if mixed is not None:  # H_mix already: the base pruner runs on it as is
+        if config.method == "moonshot":
+            if mixed is None:  # else H_mix already: the base pruner runs on it as is
+                fisher = None
+                if config.fisher == "token" and site.name in stats.fisher:
+                    fisher = stats.mean_fisher(site.name)
+                elif sample_fishers is not None and site.name in sample_fishers:
+                    fisher = sample_fishers[site.name].to(torch.float32)
+                options["weight_fisher" if config.fisher == "weight" else "fisher"] = fisher
             options.update(alpha=config.alpha if alpha is None else alpha, base=config.base)
-            if config.base == "optima":
-                options["mask_from"] = config.mask_from
-        elif config.method == "moonshot":
-            fisher = None
-            if config.fisher == "token" and site.name in stats.fisher:
-                fisher = stats.mean_fisher(site.name)
-            elif sample_fishers is not None and site.name in sample_fishers:
-                fisher = sample_fishers[site.name].to(torch.float32)
-            key = "weight_fisher" if config.fisher == "weight" else "fisher"
-            options.update({key: fisher}, alpha=config.alpha if alpha is None else alpha, base=config.base)
             if config.base == "optima":
                 options["mask_from"] = config.mask_from
         elif config.method == "optima":
