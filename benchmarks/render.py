@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_RESULTS, RESULTS, write_text  # noqa: E402
@@ -102,10 +102,34 @@ def _order(path: Path) -> tuple[int, str]:
     return (keys.index(stem) if stem in keys else len(keys), path.name)
 
 
+#: per seed, the two perplexities a seed table shows side by side, then any further values
+SeedCells = dict[tuple[str, str], dict[int, tuple[float, ...]]]
+
+
+def _seed_table(cells: SeedCells, seeds: list[int], intro: str, tail_headers: list[str],
+                tail: Callable[[list[tuple[float, ...]]], list[str]]) -> str | None:
+    """The markdown of a table over calibration seeds: one row per (pattern, method) seen on two or
+    more seeds, each seed's cell ``first / second``, then the columns ``tail`` derives from the
+    row's values (``tail_headers`` name them). None when no row qualifies."""
+    rows = [(k, v) for k, v in cells.items() if len(v) >= 2]
+    if not rows:
+        return None
+    lines = [intro, "", "| pattern | method | " + " | ".join([f"seed {s}" for s in seeds] + tail_headers) + " |",
+             "|---|---|" + "---:|" * (len(seeds) + len(tail_headers))]
+    for (pattern, method), by_seed in rows:
+        per = [f"{by_seed[s][0]:.2f} / {by_seed[s][1]:.2f}" if s in by_seed else "–" for s in seeds]
+        lines.append(f"| {pattern} | {method} | " + " | ".join(per + tail(list(by_seed.values()))) + " |")
+    return "\n".join(lines)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
 def seed_summary(docs: dict[int, dict[str, Any]]) -> str | None:
     """One row per (pattern, method, sequential unit) that ``peers.py`` ran on two or more calibration seeds: each
     seed's perplexity (peer / ours), the means, the mean ratio and the range of time ratios."""
-    cells: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
+    cells: SeedCells = {}
     for seed, doc in docs.items():
         for r in doc.get("pairs", []):
             p, o = r.get("peer") or {}, r.get("ours") or {}
@@ -113,58 +137,43 @@ def seed_summary(docs: dict[int, dict[str, Any]]) -> str | None:
                 # keyed by the unit the row really ran with: the default unit changed between runs
                 unit = o.get("sequential_unit")
                 label = f"{r['method'].split('@')[0]}, {unit}" if unit else r["method"]
-                cells.setdefault((r["pattern"], label), {})[seed] = {
-                    "peer": p["quality"], "ours": o["quality"], "time": o["prune_seconds"] / p["prune_seconds"]}
-    seeds = sorted(docs)
-    rows = [(k, v) for k, v in cells.items() if len(v) >= 2]
-    if not rows:
-        return None
-    lines = ["Perplexity, llm-compressor / ours, on each calibration set `peers.py --seed N` used (the "
-             "seed picks the 32 wikitext2_valid windows; evaluation is the same); mean ratio = mean of the "
-             "per-seed ratios ours ÷ peer.", "",
-             "| pattern | method | " + " | ".join(f"seed {s}" for s in seeds)
-             + " | mean peer | mean ours | mean ratio | time ours ÷ peer |",
-             "|---|---|" + "---:|" * (len(seeds) + 4)]
-    for (pattern, method), by_seed in rows:
-        vals = list(by_seed.values())
-        ratios = [v["ours"] / v["peer"] for v in vals]
-        times = [v["time"] for v in vals]
-        per = [f"{by_seed[s]['peer']:.2f} / {by_seed[s]['ours']:.2f}" if s in by_seed else "–" for s in seeds]
-        lines.append(f"| {pattern} | {method} | " + " | ".join(per)
-                     + f" | {sum(v['peer'] for v in vals) / len(vals):.2f} | {sum(v['ours'] for v in vals) / len(vals):.2f}"
-                     f" | {sum(ratios) / len(ratios):.3f}× ({len(vals)} seeds) | {min(times):.2f}–{max(times):.2f}× |")
-    return "\n".join(lines)
+                cells.setdefault((r["pattern"], label), {})[seed] = (
+                    p["quality"], o["quality"], o["prune_seconds"] / p["prune_seconds"])
+
+    def tail(vals: list[tuple[float, ...]]) -> list[str]:
+        times = [t for _, _, t in vals]
+        return [f"{_mean([p for p, _, _ in vals]):.2f}", f"{_mean([o for _, o, _ in vals]):.2f}",
+                f"{_mean([o / p for p, o, _ in vals]):.3f}× ({len(vals)} seeds)", f"{min(times):.2f}–{max(times):.2f}×"]
+
+    return _seed_table(cells, sorted(docs),
+                       "Perplexity, llm-compressor / ours, on each calibration set `peers.py --seed N` used (the "
+                       "seed picks the 32 wikitext2_valid windows; evaluation is the same); mean ratio = mean of the "
+                       "per-seed ratios ours ÷ peer.",
+                       ["mean peer", "mean ours", "mean ratio", "time ours ÷ peer"], tail)
 
 
 def moonshot_seed_summary(docs: dict[int, dict[str, Any]]) -> str | None:
     """One row per (pattern, MOONSHOT method) that ``quality.py --seed`` ran, next to its base
     pruner in the same file, on two or more calibration seeds: each seed's perplexity (base /
     MOONSHOT), the means and the mean change."""
-    cells: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
+    cells: SeedCells = {}
     for seed, doc in docs.items():
         by_key = {(r["pattern"], r["method"]): r for r in doc.get("rows", []) if "error" not in r}
         for (pattern, method), r in by_key.items():
             base = _base_of(method)
             if base and (pattern, base) in by_key:
                 cells.setdefault((pattern, method), {})[seed] = (by_key[(pattern, base)]["quality"], r["quality"])
-    seeds = sorted(docs)
-    rows = [(k, v) for k, v in cells.items() if len(v) >= 2]
-    if not rows:
-        return None
-    lines = ["Perplexity, base pruner / MOONSHOT, on each calibration set `quality.py --seed N` used (the "
-             "seed picks the 32 wikitext2_valid windows; evaluation is the same); mean change = mean of the "
-             "per-seed changes.", "",
-             "| pattern | method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean base | mean MOONSHOT | mean change |",
-             "|---|---|" + "---:|" * (len(seeds) + 3)]
-    for (pattern, method), by_seed in rows:
-        vals = list(by_seed.values())
+
+    def tail(vals: list[tuple[float, ...]]) -> list[str]:
         changes = [m / b - 1 for b, m in vals]
-        per = [f"{by_seed[s][0]:.2f} / {by_seed[s][1]:.2f}" if s in by_seed else "–" for s in seeds]
-        lines.append(f"| {pattern} | {method} | " + " | ".join(per)
-                     + f" | {sum(b for b, _ in vals) / len(vals):.2f} | {sum(m for _, m in vals) / len(vals):.2f}"
-                     f" | {100 * sum(changes) / len(changes):+.1f}% ({len(vals)} seeds, "
-                     f"{100 * min(changes):+.1f}% to {100 * max(changes):+.1f}%) |")
-    return "\n".join(lines)
+        return [f"{_mean([b for b, _ in vals]):.2f}", f"{_mean([m for _, m in vals]):.2f}",
+                f"{100 * _mean(changes):+.1f}% ({len(vals)} seeds, {100 * min(changes):+.1f}% to {100 * max(changes):+.1f}%)"]
+
+    return _seed_table(cells, sorted(docs),
+                       "Perplexity, base pruner / MOONSHOT, on each calibration set `quality.py --seed N` used (the "
+                       "seed picks the 32 wikitext2_valid windows; evaluation is the same); mean change = mean of the "
+                       "per-seed changes.",
+                       ["mean base", "mean MOONSHOT", "mean change"], tail)
 
 
 #: result files repeated over calibration seeds: summary function and section title
