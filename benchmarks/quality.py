@@ -4,14 +4,14 @@
         --methods magnitude wanda sparsegpt moonshot-sparsegpt moonshot-wanda
 
 Writes ``benchmarks/results/quality_<model>.json`` (``…_seed<N>.json`` with ``--seed N``; after
-every row, atomically) and re-renders
-``benchmarks/results/quality.md`` and the README table (see ``render.py``). Every method of one
-invocation runs in the same process on the same calibration data, so time ratios are fair.
+every row, atomically) and re-renders ``benchmarks/results/RESULTS.md`` and the README table (see
+``render.py``). Every method of one invocation runs in the same process on the same calibration
+data, so time ratios are fair.
 
 Settings (documented defaults):
 * smollm2 — SmolLM2-135M; calibration: ``--calib-windows`` (128) × 512 tokens of wikitext2_valid,
-  seed 0 (`--seed` picks other windows, as in `peers.py`); evaluation: the first ``--eval-windows`` (32) non-overlapping 512-token windows of
-  wikitext2_raw_test.
+  seed 0 (``--seed`` picks other windows, as in ``peers.py``); evaluation: the first
+  ``--eval-windows`` (32) non-overlapping 512-token windows of wikitext2_raw_test.
 * stories260k — calibration: 64 × 256 tokens sampled from the dense model (seed 0); evaluation:
   all 128-token windows of tinystories_sample.txt.
 * resnet20 / resnet56 — calibration: the 1,000 calib.npz images (labels unused); evaluation:

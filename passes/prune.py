@@ -63,7 +63,8 @@ def prune_group(
     """Prune every site of one input group against the group's shared Hessian."""
     weights = weights or {}
     # MOONSHOT's H_mix formed directly per site (sequential, token Fisher): no shared H exists
-    H = stats.mean_hessian() if config.method != "magnitude" and not getattr(stats, "mixed", None) else None
+    mixed_sites = getattr(stats, "mixed", None)
+    H = stats.mean_hessian() if config.method != "magnitude" and not mixed_sites else None
     shared_u = None
     if config.method == "sparsegpt" and H is not None and len(sites) > 1:
         prepared, _ = prepare_hessian(H)
@@ -78,7 +79,7 @@ def prune_group(
         options: dict[str, Any] = {"dampening": config.dampening, "blocksize": config.blocksize}
         if shared_u is not None:
             options["hinv_upper"] = shared_u
-        mixed = stats.mixed_hessian(site.name) if getattr(stats, "mixed", None) else None
+        mixed = stats.mixed_hessian(site.name) if mixed_sites else None
         if config.method == "moonshot":
             if mixed is None:  # else H_mix already: the base pruner runs on it as is
                 fisher = None
