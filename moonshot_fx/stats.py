@@ -100,7 +100,13 @@ def accumulate_hessian(h: torch.Tensor | None, rows: torch.Tensor, weights: torc
     return update if h is None else h.add_(update)
 
 
-def mixed_curvature(rows: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
+def squared_row_norms(rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``‖x_t‖²`` of every row of every batch, in fp64 (no overflow for huge activations)."""
+    return [r.to(ACC_DTYPE).square().sum(dim=1) for r in rows]
+
+
+def mixed_curvature(rows: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], alpha: float,
+                    row_norms: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
     """MOONSHOT's ``H_mix = α·H/c_rec + (1 − α)·F/c_tay`` for the token-level Fisher, in one product.
 
     ``rows[b]`` are batch ``b``'s input rows, ``weights[b]`` their ``‖δ_t‖²``. With
@@ -114,11 +120,12 @@ def mixed_curvature(rows: Sequence[torch.Tensor], weights: Sequence[torch.Tensor
     that term, as :func:`moonshot_fx.pruners.mix_hessians` does. Returned in fp64 (sums of
     per-batch fp32 products, as :func:`accumulate_hessian`). The result does not depend on the
     scale of ``X``: where the per-row scales fall below float32's range (activations whose ``XᵀX``
-    would overflow), the rows are scaled in fp64 before the float32 product.
+    would overflow), the rows are scaled in fp64 before the float32 product. ``row_norms``:
+    :func:`squared_row_norms` of ``rows`` when already computed (sites sharing an input share them).
     """
     if len(rows) != len(weights) or not rows:
         raise ValueError("mixed_curvature needs one weight vector per batch of rows, and at least one batch")
-    sq = [r.to(ACC_DTYPE).square().sum(dim=1) for r in rows]  # ‖x_t‖² per row, fp64
+    sq = squared_row_norms(rows) if row_norms is None else row_norms
     s_h = float(sum(float(q.sum()) for q in sq))
     s_f = float(sum(float((q * w.to(ACC_DTYPE)).sum()) for q, w in zip(sq, weights)))
     d = rows[0].shape[1]
@@ -204,12 +211,13 @@ class LayerStats:
             update = accumulate_hessian(None, rows, weights)
         self.add_fisher(site, update)
 
-    def add_mixed(self, site: str, rows: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], alpha: float) -> None:
+    def add_mixed(self, site: str, rows: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], alpha: float,
+                  row_norms: Sequence[torch.Tensor] | None = None) -> None:
         """Form ``site``'s ``H_mix`` from every row at once (see :func:`mixed_curvature`); no
         ``XᵀX`` or Fisher is kept for it. Call once per site, with all of the group's rows."""
         if site in self.mixed:
             raise ValueError(f"H_mix of {site!r} is formed once, from all rows; it cannot be accumulated")
-        mix = mixed_curvature(rows, weights, alpha)
+        mix = mixed_curvature(rows, weights, alpha, row_norms)
         if not torch.isfinite(torch.diagonal(mix)).all():
             from .errors import CalibrationError
 

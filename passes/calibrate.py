@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.errors import CalibrationError
-from moonshot_fx.stats import LayerStats, input_rows, output_rows, sample_fisher, weight_fisher_diagonal
+from moonshot_fx.stats import (LayerStats, input_rows, output_rows, sample_fisher, squared_row_norms,
+                               weight_fisher_diagonal)
 
 from .capture import CapturedGraph
 from .discover import Site
@@ -82,11 +83,12 @@ class StatsCollector:
         st = self.stats.setdefault(group, LayerStats(diagonal_only=self.diagonal_only))
         if self._mix_directly(group, st):
             rows = [input_rows(x.detach(), site.kind, site.conv) for x in xs]
+            norms = squared_row_norms(rows)  # shared by the group's sites
             for s in self.groups[group]:
                 weights = [self.row_weights[s.name][self.batch_offset + b] for b in range(len(rows))]
                 if any(w.shape[0] != r.shape[0] for w, r in zip(weights, rows)):
                     raise CalibrationError(f"{s.name}: the gradient pass saw other inputs than calibration does")
-                st.add_mixed(s.name, rows, weights, float(self.mix_alpha))  # type: ignore[arg-type]
+                st.add_mixed(s.name, rows, weights, float(self.mix_alpha), norms)  # type: ignore[arg-type]
             st.rows += sum(r.shape[0] for r in rows)
             st.batches += len(rows)
             return

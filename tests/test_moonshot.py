@@ -100,7 +100,7 @@ def test_auto_fisher_kind_follows_the_base(base, expected):
 
 @pytest.mark.parametrize("alpha, zero_fisher", [(0.0, False), (0.3, False), (0.75, False), (0.3, True)])
 def test_mixed_curvature_in_one_product_equals_mixing_h_and_f(alpha, zero_fisher):
-    from moonshot_fx.stats import mixed_curvature
+    from moonshot_fx.stats import mixed_curvature, squared_row_norms
 
     g = torch.Generator().manual_seed(3)
     rows = [torch.randn(200, 24, generator=g) * torch.linspace(0.1, 3.0, 24) for _ in range(3)]
@@ -110,6 +110,9 @@ def test_mixed_curvature_in_one_product_equals_mixing_h_and_f(alpha, zero_fisher
     F = sum((r.double() * w.double()[:, None]).T @ r.double() for r, w in zip(rows, weights)) / n
     got = mixed_curvature(rows, weights, alpha)
     assert got.dtype == torch.float64
+    norms = squared_row_norms(rows)  # what sites sharing an input pass in, computed once
+    torch.testing.assert_close(torch.cat(norms), torch.cat(rows).double().square().sum(1))
+    assert torch.equal(mixed_curvature(rows, weights, alpha, row_norms=norms), got)
     torch.testing.assert_close(got.float(), mix_hessians(H, F, alpha), rtol=2e-5, atol=1e-6)
 
 
