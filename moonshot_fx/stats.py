@@ -162,6 +162,15 @@ def weight_fisher_diagonal(rows: torch.Tensor, grad_rows: torch.Tensor) -> torch
     return grad_rows.to(torch.float32).square().T @ rows.to(torch.float32).square()
 
 
+def _non_finite(what: str) -> Exception:
+    """The error for NaN/inf ``what`` reaching a prunable layer's statistics."""
+    from .errors import CalibrationError
+
+    return CalibrationError(
+        f"non-finite {what} reached a prunable layer during calibration; check the calibration inputs "
+        "(token ids in range, images normalised) and the model's dtype.")
+
+
 @dataclass
 class LayerStats:
     """Accumulated statistics of one input group (sites reading the same tensor share it)."""
@@ -195,10 +204,7 @@ class LayerStats:
                 raise CalibrationError(
                     "calibration statistics overflow (activations too large for XᵀX in float32); "
                     "check the calibration inputs and the model's scale.")
-            raise CalibrationError(
-                "non-finite activations reached a prunable layer during calibration; check the "
-                "calibration inputs (token ids in range, images normalised) and the model's dtype."
-            )
+            raise _non_finite("activations")
         self.hessian = update if self.hessian is None else self.hessian.add_(update)
         self.rows += rows.shape[0]
         self.batches += 1
@@ -219,11 +225,7 @@ class LayerStats:
             raise ValueError(f"H_mix of {site!r} is formed once, from all rows; it cannot be accumulated")
         mix = mixed_curvature(rows, weights, alpha, row_norms)
         if not torch.isfinite(torch.diagonal(mix)).all():
-            from .errors import CalibrationError
-
-            raise CalibrationError(
-                "non-finite activations or gradients reached a prunable layer during calibration; check the "
-                "calibration inputs (token ids in range, images normalised) and the model's dtype.")
+            raise _non_finite("activations or gradients")
         self.mixed[site] = mix
 
     def mixed_hessian(self, site: str) -> torch.Tensor | None:
