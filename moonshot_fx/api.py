@@ -24,7 +24,7 @@ from .passes.calibrate import (LossFn, collect_gradients, collect_hessians, defa
                                is_label_free_classifier, needs_diagonal_only, output_logits)
 from .passes.capture import CapturedGraph, batch_shape_key, capture, iter_batches, normalize_batch
 from .passes.discover import Site, find_sites, select_sites
-from .passes.norm_recalibration import recalibrate_batchnorm
+from .passes.norm_recalibration import batchnorm_modules, recalibrate_batchnorm
 from .passes.prune import SiteResult, prune_group, to_matrix
 from .passes.runner import GraphRunner
 from .passes.sequential import sequential_prune
@@ -296,13 +296,23 @@ def held_out_loss(captured: CapturedGraph, sites: list[Site], norm: list[Any], w
     against its *own* argmax instead would reward confident models, not faithful ones.
     """
     runner = GraphRunner(captured, sites, weights=weights)
+
+    def forward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        flat = runner.run([captured.flat_inputs(args, kwargs)])
+        assert flat is not None
+        return captured.unflatten(flat[0])
+
+    return _mean_loss(forward, norm, loss_fn, soft_targets)
+
+
+def _mean_loss(forward: Callable[[tuple[Any, ...], dict[str, Any]], Any], norm: list[Any], loss_fn: LossFn | None,
+               soft_targets: list[torch.Tensor] | None) -> float:
+    """Mean per-sample loss of ``forward`` over ``norm`` (see :func:`held_out_loss`)."""
     fn = loss_fn or default_loss
     total, count = 0.0, 0
     with torch.no_grad():
         for i, (args, kwargs) in enumerate(norm):
-            flat = runner.run([captured.flat_inputs(args, kwargs)])
-            assert flat is not None
-            out = captured.unflatten(flat[0])
+            out = forward(args, kwargs)
             if soft_targets is not None:
                 losses = torch.nn.functional.cross_entropy(output_logits(out).float(), soft_targets[i], reduction="none")
             else:
@@ -310,6 +320,29 @@ def held_out_loss(captured: CapturedGraph, sites: list[Site], norm: list[Any], w
             total += float(losses.sum())
             count += losses.shape[0]
     return total / max(1, count)
+
+
+def held_out_loss_recalibrated(model: nn.Module, norm_fit: list[Any], held: list[Any], weights: dict[str, torch.Tensor],
+                               loss_fn: LossFn | None, soft_targets: list[torch.Tensor] | None = None) -> float:
+    """:func:`held_out_loss` of the model as ``recalibrate_norms=True`` would leave it: ``weights``
+    written, BatchNorm statistics re-estimated on ``norm_fit``, then the eager model scored on
+    ``held``. The model's parameters and BatchNorm buffers are restored before returning, also on
+    error. Without this, candidates whose pruned activations BatchNorm would re-centre are judged
+    with the dense statistics, which at high sparsity makes every candidate look alike."""
+    bns = batchnorm_modules(model)
+    saved_w = {n: model.get_parameter(n).detach().clone() for n in weights}
+    saved_bn = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    try:
+        write_weights(model, weights)
+        recalibrate_batchnorm(model, norm_fit)
+        return _mean_loss(lambda a, k: model(*a, **k), held, loss_fn, soft_targets)
+    finally:
+        write_weights(model, saved_w)
+        with torch.no_grad():
+            for m, mean, var, nbt in saved_bn:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(nbt)
 
 
 def choose_alpha(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: list[Any], cfg: SparsifyConfig,
@@ -320,6 +353,9 @@ def choose_alpha(model: nn.Module, captured: CapturedGraph, sites: list[Site], n
     The statistics (H and F, dense model) are collected once; each α costs one pure-maths prune
     of every group plus one forward over the held-out slice (1/8 of the batches, at least one).
     With a single batch the slice is that batch itself (documented: no held-out data exists).
+    With ``recalibrate_norms`` on a model with BatchNorm, each candidate is scored after its
+    BatchNorm statistics are re-estimated on the fitting batches (one more forward over them),
+    since that is the model the run returns.
     """
     n_hold = max(1, len(norm) // 8)
     held = norm[-n_hold:]
@@ -328,10 +364,15 @@ def choose_alpha(model: nn.Module, captured: CapturedGraph, sites: list[Site], n
     rw = {k: [v[i] for i in fit_idx] for k, v in row_weights.items()} if row_weights else None
     stats = collect_hessians(captured, sites, flat_fit, row_weights=rw, diagonal_only=needs_diagonal_only(cfg))
     targets = dense_soft_targets(captured, sites, held) if loss_fn is None else None
+    recalibrate = cfg.recalibrate_norms and bool(batchnorm_modules(model))
     scores: dict[float, float] = {}
     for a in _progress(progress, "alpha search", len(cfg.alpha_grid))(list(cfg.alpha_grid)):
         res = _prune_all(model, sites, stats, cfg, sample_fishers, a, progress=False)
-        loss = held_out_loss(captured, sites, held, {k: r.weight for k, r in res.items()}, loss_fn, targets)
+        weights = {k: r.weight for k, r in res.items()}
+        if recalibrate:  # score each candidate as the run will leave it: norms re-estimated
+            loss = held_out_loss_recalibrated(model, [norm[i] for i in fit_idx], held, weights, loss_fn, targets)
+        else:
+            loss = held_out_loss(captured, sites, held, weights, loss_fn, targets)
         scores[a] = loss if math.isfinite(loss) else float("inf")
         log.info("alpha=%.3g held-out loss %.4f", a, scores[a])
     best = min(scores, key=lambda a: (scores[a], -a))

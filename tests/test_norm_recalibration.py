@@ -1,4 +1,6 @@
 """BatchNorm re-estimation after pruning."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -54,3 +56,64 @@ def test_failure_restores_statistics():
         recalibrate_batchnorm(model, bad)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.bn1.momentum == 0.1 and not model.bn1.training
+
+
+def _dense_calibrated(seed: int = 0) -> tuple[ConvBN, list[torch.Tensor]]:
+    """A ConvBN whose BatchNorm statistics match its own dense activations (as a trained CNN's do)."""
+    torch.manual_seed(seed)
+    model = ConvBN().eval()
+    calib = [torch.randn(16, 3, 8, 8) for _ in range(8)]
+    recalibrate_batchnorm(model, [((x,), {}) for x in calib])
+    return model, calib
+
+
+def test_held_out_loss_recalibrated_scores_the_model_the_run_returns():
+    """α search with ``recalibrate_norms``: a candidate is scored with its BatchNorm statistics
+    re-estimated on the fitting batches (checked against an independent re-estimation), which
+    differs from scoring it with the dense statistics; the model comes back bit-identical."""
+
+    import torch.nn.functional as F
+
+    from moonshot_fx.api import dense_soft_targets, held_out_loss, held_out_loss_recalibrated
+    from moonshot_fx.passes.capture import capture, normalize_batch
+    from moonshot_fx.passes.discover import find_sites
+
+    model, calib = _dense_calibrated()
+    norm = [normalize_batch(x, model) for x in calib]
+    fit, held = norm[:6], norm[6:]
+    cap = capture(model, *norm[0])
+    sites = find_sites(cap.gm, model)
+    targets = dense_soft_targets(cap, sites, held)
+    w = model.c2.weight.detach()
+    pruned = {"c2.weight": torch.where(w.abs() > w.abs().flatten().quantile(0.95), w, torch.zeros_like(w))}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    got = held_out_loss_recalibrated(model, fit, held, pruned, None, targets)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.c2.weight.copy_(pruned["c2.weight"])
+        for bn in (ref.bn1, ref.bn2):
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        for (x,), _ in fit:
+            ref(x)
+        ref.eval()
+        expected = torch.cat([F.cross_entropy(ref(x), t, reduction="none") for ((x,), _), t in zip(held, targets)]).mean()
+    assert got == pytest.approx(float(expected), rel=1e-5)
+    stale = held_out_loss(cap, sites, held, pruned, None, targets)
+    assert abs(stale - got) > 1e-3  # the dense statistics would have judged another model
+
+
+def test_alpha_auto_with_recalibrate_norms_scores_recalibrated_candidates():
+    model, calib = _dense_calibrated(1)
+    copy_model = copy.deepcopy(model)
+    kw = dict(calibration=calib, sparsity=0.8, method="moonshot", alpha="auto", alpha_grid=(0.0, 1.0),
+              prune_head=True, sequential=False, progress=False)
+    moonshot_fx.sparsify(model, recalibrate_norms=True, **kw)
+    moonshot_fx.sparsify(copy_model, **kw)
+    on, off = model.moonshot_report.alpha_search, copy_model.moonshot_report.alpha_search
+    assert on.keys() == off.keys() and all(abs(on[k] - off[k]) > 1e-4 for k in on)
+    assert model.moonshot_report.norms_recalibrated == 2
