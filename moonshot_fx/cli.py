@@ -234,6 +234,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options["sequential_unit"] = args.sequential_unit
     if args.fisher is not None:
         options["fisher"] = args.fisher
+    if args.recalibrate_norms:
+        options["recalibrate_norms"] = True
     exclude = tuple(DEFAULT_EXCLUDE) + tuple(args.exclude or ())
     cfg = SparsifyConfig(sparsity=args.sparsity, method=args.method, exclude=exclude,
                          include=tuple(args.include or ("*",)), **options)
@@ -368,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", metavar="GLOB",
                    help="also keep weights matching GLOB dense (added to the defaults; repeatable)")
     p.add_argument("--prune-head", action="store_true", help="also prune the final classifier when the globs allow it")
+    p.add_argument("--recalibrate-norms", action="store_true",
+                   help="re-estimate BatchNorm statistics on the calibration data after pruning "
+                        "(CNNs; matters most at high sparsity)")
     p.add_argument("--eval", action="store_true", help="print dense and pruned perplexity / top-1")
     p.add_argument("--out", help="save the pruned state_dict here (atomically)")
     p.add_argument("--report", help="write the sparsity report as JSON here")
