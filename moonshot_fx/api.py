@@ -24,7 +24,8 @@ from .passes.calibrate import (LossFn, collect_gradients, collect_hessians, defa
                                is_label_free_classifier, needs_diagonal_only, output_logits)
 from .passes.capture import CapturedGraph, batch_shape_key, capture, iter_batches, normalize_batch
 from .passes.discover import Site, find_sites, select_sites
-from .passes.norm_recalibration import batchnorm_modules, recalibrate_batchnorm
+from .passes.norm_recalibration import (batchnorm_modules, batchnorm_state, recalibrate_batchnorm,
+                                        restore_batchnorm_state)
 from .passes.prune import SiteResult, prune_group, to_matrix
 from .passes.runner import GraphRunner
 from .passes.sequential import sequential_prune
@@ -329,20 +330,15 @@ def held_out_loss_recalibrated(model: nn.Module, norm_fit: list[Any], held: list
     ``held``. The model's parameters and BatchNorm buffers are restored before returning, also on
     error. Without this, candidates whose pruned activations BatchNorm would re-centre are judged
     with the dense statistics, which at high sparsity makes every candidate look alike."""
-    bns = batchnorm_modules(model)
     saved_w = {n: model.get_parameter(n).detach().clone() for n in weights}
-    saved_bn = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    saved_bn = batchnorm_state(model)
     try:
         write_weights(model, weights)
         recalibrate_batchnorm(model, norm_fit)
         return _mean_loss(lambda a, k: model(*a, **k), held, loss_fn, soft_targets)
     finally:
         write_weights(model, saved_w)
-        with torch.no_grad():
-            for m, mean, var, nbt in saved_bn:
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(nbt)
+        restore_batchnorm_state(saved_bn)
 
 
 def choose_alpha(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: list[Any], cfg: SparsifyConfig,
@@ -360,7 +356,8 @@ def choose_alpha(model: nn.Module, captured: CapturedGraph, sites: list[Site], n
     n_hold = max(1, len(norm) // 8)
     held = norm[-n_hold:]
     fit_idx = list(range(len(norm) - n_hold)) or [0]
-    flat_fit = [captured.flat_inputs(*norm[i]) for i in fit_idx]
+    norm_fit = [norm[i] for i in fit_idx]
+    flat_fit = [captured.flat_inputs(*b) for b in norm_fit]
     rw = {k: [v[i] for i in fit_idx] for k, v in row_weights.items()} if row_weights else None
     stats = collect_hessians(captured, sites, flat_fit, row_weights=rw, diagonal_only=needs_diagonal_only(cfg))
     targets = dense_soft_targets(captured, sites, held) if loss_fn is None else None
@@ -370,7 +367,7 @@ def choose_alpha(model: nn.Module, captured: CapturedGraph, sites: list[Site], n
         res = _prune_all(model, sites, stats, cfg, sample_fishers, a, progress=False)
         weights = {k: r.weight for k, r in res.items()}
         if recalibrate:  # score each candidate as the run will leave it: norms re-estimated
-            loss = held_out_loss_recalibrated(model, [norm[i] for i in fit_idx], held, weights, loss_fn, targets)
+            loss = held_out_loss_recalibrated(model, norm_fit, held, weights, loss_fn, targets)
         else:
             loss = held_out_loss(captured, sites, held, weights, loss_fn, targets)
         scores[a] = loss if math.isfinite(loss) else float("inf")

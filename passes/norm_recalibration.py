@@ -18,13 +18,31 @@ def batchnorm_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
+BatchNormState = list[tuple[nn.modules.batchnorm._BatchNorm, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def batchnorm_state(model: nn.Module) -> BatchNormState:
+    """A copy of every tracking BatchNorm's running mean, variance and batch count."""
+    return [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+            for m in batchnorm_modules(model)]
+
+
+def restore_batchnorm_state(state: BatchNormState) -> None:
+    """Write back what :func:`batchnorm_state` copied (in place: aliases of the buffers see it)."""
+    with torch.no_grad():
+        for m, mean, var, nbt in state:
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(nbt)
+
+
 def recalibrate_batchnorm(model: nn.Module, batches: Sequence[tuple[tuple[Any, ...], dict[str, Any]]]) -> int:
     """Recompute running mean/var of every BatchNorm on ``batches``; returns how many were updated."""
     bns = batchnorm_modules(model)
     if not bns or not batches:
         return 0
-    saved = [(m, m.momentum, m.training, m.running_mean.clone(), m.running_var.clone(),
-              m.num_batches_tracked.clone()) for m in bns]
+    modes = [(m, m.momentum, m.training) for m in bns]
+    before = batchnorm_state(model)
     try:
         for m in bns:
             m.reset_running_stats()
@@ -34,13 +52,10 @@ def recalibrate_batchnorm(model: nn.Module, batches: Sequence[tuple[tuple[Any, .
             for args, kwargs in batches:
                 model(*args, **kwargs)
     except BaseException:
-        for m, _, _, mean, var, nbt in saved:
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(nbt)
+        restore_batchnorm_state(before)
         raise
     finally:
-        for m, momentum, training, *_ in saved:
+        for m, momentum, training in modes:
             m.momentum = momentum
             m.train(training)
     return len(bns)
