@@ -255,9 +255,14 @@ class _NoStats:
     """Stand-in statistics for data-free magnitude pruning."""
 
     fisher: dict[str, torch.Tensor] = {}
+    mixed: dict[str, torch.Tensor] = {}
+    diagonal_only = False
     rows = 0
 
     def mean_hessian(self) -> None:  # pragma: no cover - never called for magnitude
+        return None
+
+    def mixed_hessian(self, site: str) -> None:  # pragma: no cover - never called for magnitude
         return None
 
 

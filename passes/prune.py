@@ -63,8 +63,7 @@ def prune_group(
     """Prune every site of one input group against the group's shared Hessian."""
     weights = weights or {}
     # MOONSHOT's H_mix formed directly per site (sequential, token Fisher): no shared H exists
-    mixed_sites = getattr(stats, "mixed", None)
-    H = stats.mean_hessian() if config.method != "magnitude" and not mixed_sites else None
+    H = stats.mean_hessian() if config.method != "magnitude" and not stats.mixed else None
     shared_u = None
     if config.method == "sparsegpt" and H is not None and len(sites) > 1:
         prepared, _ = prepare_hessian(H)
@@ -79,7 +78,7 @@ def prune_group(
         options: dict[str, Any] = {"dampening": config.dampening, "blocksize": config.blocksize}
         if shared_u is not None:
             options["hinv_upper"] = shared_u
-        mixed = stats.mixed_hessian(site.name) if mixed_sites else None
+        mixed = stats.mixed_hessian(site.name)
         if config.method == "moonshot":
             if mixed is None:  # else H_mix already: the base pruner runs on it as is
                 fisher = None
@@ -96,7 +95,7 @@ def prune_group(
         curvature = mixed if mixed is not None else H
         Hd = curvature.to(device) if curvature is not None else None
         new, _ = prune_layer(W, Hd, pattern, method=config.method, **options)
-        if Hd is not None and not getattr(stats, "diagonal_only", False):
+        if Hd is not None and not stats.diagonal_only:
             base = quadratic_error(W, torch.zeros_like(W), Hd)
             rel = quadratic_error(W, new, Hd) / base if base > 0 else 0.0
         else:
