@@ -262,7 +262,8 @@ class _NoStats:
     def mean_hessian(self) -> None:  # pragma: no cover - never called for magnitude
         return None
 
-    def mixed_hessian(self, site: str) -> None:  # pragma: no cover - never called for magnitude
+    def mixed_hessian(self, site: str) -> None:
+        """No H_mix: prune_group asks every site, and magnitude needs no curvature."""
         return None
 
 
