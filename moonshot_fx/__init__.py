@@ -14,8 +14,8 @@ from typing import Any
 
 from .config import Pattern, SparsifyConfig, parse_pattern
 from .errors import (
-    BackendUnavailableError, CalibrationError, ConfigError, LinalgError, MoonshotError,
-    NoPrunableSitesError, PatternError, TraceError,
+    BackendUnavailableError, CalibrationError, ConfigError, LinalgError, LossError, MetaDeviceError,
+    MoonshotError, NoPrunableSitesError, PatternError, TraceError,
 )
 from .masks import check_pattern
 from .pruners import prune_layer, reconstruction_error
@@ -42,7 +42,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "BackendUnavailableError", "CalibrationError", "ConfigError", "LinalgError", "MoonshotError",
+    "BackendUnavailableError", "CalibrationError", "ConfigError", "LinalgError", "LossError", "MetaDeviceError", "MoonshotError",
     "NoPrunableSitesError", "Pattern", "PatternError", "SparsifyConfig", "TraceError",
     "check_pattern", "parse_pattern", "prune_layer", "reconstruction_error", *_LAZY,
 ]

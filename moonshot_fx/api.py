@@ -7,6 +7,7 @@ model's weights untouched.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import math
 import time
@@ -17,18 +18,21 @@ import torch
 import torch.nn as nn
 
 from .config import SparsifyConfig, default_sequential_unit
-from .errors import CalibrationError, ConfigError, PatternError
+from .errors import CalibrationError, ConfigError, NoPrunableSitesError, PatternError, PatternWarning
 from .masks import check_pattern
 from .passes.apply import write_weights
 from .passes.calibrate import (LossFn, collect_gradients, collect_hessians, default_loss, group_sites,
-                               is_label_free_classifier, needs_diagonal_only, output_logits)
+                               needs_diagonal_only, output_logits)
 from .passes.capture import CapturedGraph, batch_shape_key, capture, iter_batches, normalize_batch
 from .passes.discover import Site, find_sites, select_sites
+from .passes.losses import scores_own_predictions, soft_target_loss
+from .passes.meta import check_not_meta
 from .passes.norm_recalibration import (batchnorm_modules, batchnorm_state, recalibrate_batchnorm,
                                         restore_batchnorm_state)
 from .passes.prune import SiteResult, prune_group, to_matrix
 from .passes.runner import GraphRunner
 from .passes.sequential import sequential_prune
+from .passes.unsupported import unsupported_weights
 from .report import SiteReport, SparsityReport
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,7 @@ def inspect(model: nn.Module, example_inputs: Any, config: SparsifyConfig | None
     """Table of every candidate weight: name, kind, shape, params, shared-input group, whether
     the given (or default) config selects it, and why a site is skipped."""
     cfg = config or SparsifyConfig()
+    check_not_meta(model, [example_inputs])
     args, kwargs = normalize_batch(example_inputs, model)
     captured = capture(model, args, kwargs)
     sites = find_sites(captured.gm, model)
@@ -83,15 +88,31 @@ def inspect(model: nn.Module, example_inputs: Any, config: SparsifyConfig | None
     return [{**s.row(), "selected": s.name in chosen} for s in sites]
 
 
-def _validate_patterns(sites: Sequence[Site], cfg: SparsifyConfig) -> None:
+#: marks the report.skipped reasons of weights whose input size does not fit the N:M pattern
+NM_SKIP_MARK = "needs the input size"
+
+
+def _validate_patterns(sites: Sequence[Site], cfg: SparsifyConfig) -> tuple[list[Site], dict[str, str]]:
+    """Split ``sites`` into those the pattern fits and ``{name: reason}`` for those it does not
+    (input size not a multiple of M). With ``cfg.strict``, or when an ``overrides`` glob set the
+    pattern (the layer was named on purpose), a misfit raises :class:`PatternError` instead."""
+    keep: list[Site] = []
+    dense: dict[str, str] = {}
     for s in sites:
         pat = cfg.pattern_for(s.name)
         cols = s.matrix_shape[1]
-        if pat.is_nm and cols % pat.m:
+        if not (pat.is_nm and cols % pat.m):
+            keep.append(s)
+            continue
+        overridden = any(fnmatch.fnmatchcase(s.name, g) for g in cfg.overrides)
+        if cfg.strict or overridden:
+            why = "overrides asks for it" if overridden else "strict=True"
             raise PatternError(
-                f"{pat} sparsity needs in_features divisible by {pat.m}, but {s.name} has {cols} inputs; "
+                f"{pat} sparsity needs in_features divisible by {pat.m}, but {s.name} has {cols} inputs ({why}); "
                 f"exclude it (exclude=[..., '{s.name}']) or give it an unstructured override "
-                f"(overrides={{'{s.name}': 0.5}}).")
+                f"(overrides={{'{s.name}': 0.5}})" + ("" if overridden else "; with strict=False it is kept dense") + ".")
+        dense[s.name] = f"{pat} {NM_SKIP_MARK} ({cols}) to be a multiple of {pat.m}"
+    return keep, dense
 
 
 def sparsify(
@@ -119,20 +140,34 @@ def sparsify(
         method: ``magnitude``, ``wanda``, ``sparsegpt``, ``optima`` or ``moonshot``.
         config: a full :class:`SparsifyConfig` (then ``sparsity``/``method``/``options`` are ignored).
         loss_fn: ``(output, args, kwargs) -> (batch,)`` per-sample losses for MOONSHOT's Fisher
-            and ``alpha="auto"``; default: LM next-token cross-entropy, or classifier
-            cross-entropy on the dense model's own predictions.
+            and ``alpha="auto"``; default (:func:`moonshot_fx.passes.losses.default_loss`):
+            causal-LM next-token cross-entropy; seq2seq cross-entropy on ``labels`` (not
+            shifted) or next-token on ``decoder_input_ids``; masked-LM cross-entropy on
+            ``labels`` (``-100`` ignored); classifier cross-entropy on ``labels``; without
+            labels, the dense model's own predictions. Other outputs raise :class:`LossError`.
         prune_head: also prune the final classifier / LM head when the globs allow it.
         max_batches: use at most this many calibration batches.
         progress: show tqdm progress bars.
         **options: any other :class:`SparsifyConfig` field (``base``, ``alpha``, ``include``,
             ``exclude``, ``overrides``, ``sequential``, ``dampening``, ``blocksize``, ``fisher`` …).
+            ``exclude`` adds to the default exclusions (embeddings, heads; ``default_exclude=False``
+            drops them). Weights whose input size does not fit an N:M pattern stay dense, listed
+            in ``report.skipped`` with one :class:`PatternWarning` (``strict=True`` raises).
+            ``recalibrate_norms`` (default None = auto) re-estimates BatchNorm statistics after
+            pruning when the model has BatchNorm and calibration data is given; pass False to
+            keep the dense statistics.
 
     Returns:
         ``model`` with pruned weights; ``model.moonshot_report`` holds a :class:`SparsityReport`.
 
     Raises:
-        PatternError, ConfigError, TraceError, NoPrunableSitesError, CalibrationError, LinalgError
-        (all :class:`MoonshotError`); the model's weights are unchanged when any is raised.
+        PatternError, ConfigError, TraceError, NoPrunableSitesError, CalibrationError (LossError),
+        LinalgError, MetaDeviceError (weights or inputs on the meta device) — all
+        :class:`MoonshotError`; the model's weights are unchanged when any is raised.
+
+    ``report.skipped`` lists every weight left dense that discovery saw or the model holds with
+    two or more dims (grouped convs, N:M misfits, recurrent layers, embeddings …) with the
+    reason; weights excluded by the globs and final heads are not listed.
     """
     if config is None:
         unknown = set(options) - {f.name for f in dataclasses.fields(SparsifyConfig)}
@@ -146,6 +181,10 @@ def sparsify(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     batches = list(iter_batches(calibration, max_batches))
+    check_not_meta(model, [example_inputs, *batches])
+    bn_auto = cfg.recalibrate_norms is None
+    if bn_auto:  # auto: re-estimate BatchNorm statistics whenever there is calibration data for it
+        cfg = cfg.replace(recalibrate_norms=bool(batches) and bool(batchnorm_modules(model)))
     if not batches and cfg.method != "magnitude":
         if example_inputs is None:
             raise CalibrationError(f"method {cfg.method!r} needs calibration data; pass calibration=[batch, ...].")
@@ -159,11 +198,22 @@ def sparsify(
         captured, norm = _prepare(model, example_inputs, batches, one_shape_only=cfg.method != "moonshot")
         timings["capture"] = time.perf_counter() - t0
         all_sites = find_sites(captured.gm, model)
-        sites = select_sites(all_sites, cfg, prune_head=prune_head)
-        _validate_patterns(sites, cfg)
+        sites, misfits = _validate_patterns(select_sites(all_sites, cfg, prune_head=prune_head), cfg)
+        if not sites:
+            raise NoPrunableSitesError(
+                f"every selected layer's input size misfits the pattern: {misfits}; use an unstructured "
+                "sparsity (e.g. 0.5) or an N:M pattern whose M divides the input sizes.")
+        if misfits:
+            warnings.warn(f"keeping {len(misfits)} layer(s) dense, their input size does not fit the N:M pattern "
+                          "(strict=True raises instead): " + "; ".join(f"{n}: {r}" for n, r in misfits.items()),
+                          PatternWarning, stacklevel=2)
         sequential = cfg.sequential if cfg.sequential is not None else len(sites) >= AUTO_SEQUENTIAL_SITES
-        report = SparsityReport(config=cfg.to_dict(), skipped={s.name: s.skipped for s in all_sites if s.skipped},
-                                sequential=sequential and cfg.method != "magnitude", capture_method=captured.method)
+        skipped = {s.name: s.skipped for s in all_sites if s.skipped}
+        skipped.update(misfits)
+        skipped.update(unsupported_weights(model, all_sites))
+        report = SparsityReport(config=cfg.to_dict(), skipped=skipped,
+                                sequential=sequential and cfg.method != "magnitude", capture_method=captured.method,
+                                norms_recalibrated_by_default=bn_auto and bool(cfg.recalibrate_norms))
         results = _run(model, captured, sites, norm, cfg, sequential, loss_fn, progress, timings, report)
         for s in sites:
             r = results[s.name]
@@ -278,8 +328,9 @@ def _prune_all(model: nn.Module, sites: list[Site], stats: dict[str, Any], cfg: 
 
 
 def dense_soft_targets(captured: CapturedGraph, sites: list[Site], norm: list[Any]) -> list[torch.Tensor] | None:
-    """The dense model's class probabilities on ``norm`` when it is a classifier scored without
-    labels (else None): the reference :func:`held_out_loss` compares a pruned model against."""
+    """The dense model's probabilities on ``norm`` when the default loss would score it against
+    its own predictions (a classifier or masked LM without labels; else None): the reference
+    :func:`held_out_loss` compares a pruned model against."""
     runner = GraphRunner(captured, sites, weights={})
     targets = []
     with torch.no_grad():
@@ -287,7 +338,7 @@ def dense_soft_targets(captured: CapturedGraph, sites: list[Site], norm: list[An
             flat = runner.run([captured.flat_inputs(args, kwargs)])
             assert flat is not None
             out = captured.unflatten(flat[0])
-            if not is_label_free_classifier(out, kwargs):
+            if not scores_own_predictions(out, kwargs, args):
                 return None
             targets.append(torch.softmax(output_logits(out).float(), dim=-1))
     return targets
@@ -321,7 +372,7 @@ def _mean_loss(forward: Callable[[tuple[Any, ...], dict[str, Any]], Any], norm: 
         for i, (args, kwargs) in enumerate(norm):
             out = forward(args, kwargs)
             if soft_targets is not None:
-                losses = torch.nn.functional.cross_entropy(output_logits(out).float(), soft_targets[i], reduction="none")
+                losses = soft_target_loss(output_logits(out), soft_targets[i])
             else:
                 losses = fn(out, args, kwargs)
             total += float(losses.sum())

@@ -18,7 +18,10 @@ from typing import Any, Mapping, Union
 
 from .errors import ConfigError, PatternError
 
-CONFIG_VERSION = 1
+#: 2: ``exclude`` adds to :data:`DEFAULT_EXCLUDE` (``default_exclude=False`` turns the defaults
+#: off; in version 1 a user ``exclude`` replaced them), ``strict`` added, ``recalibrate_norms``
+#: tri-state (``None``: on for models with BatchNorm when calibration data is given).
+CONFIG_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,15 @@ class SparsifyConfig:
             MOONSHOT-Wanda/magnitude only), or ``"auto"``: sample-level for convolutional models,
             otherwise per-weight for Wanda/magnitude bases and token-level for the others.
         include / exclude: glob rules on weight FQNs (``model.layers.*.mlp.*``); exclude wins.
+            ``exclude`` *adds* to :data:`DEFAULT_EXCLUDE` (embeddings, LM heads, classifiers).
+        default_exclude: apply :data:`DEFAULT_EXCLUDE` as well as ``exclude`` (default). Set it
+            to False to prune embeddings / heads that ``include`` selects; then only ``exclude``
+            applies. :attr:`exclusions` is the full list.
+        strict: raise :class:`PatternError` for a weight whose input size does not fit the
+            N:M pattern. By default (False) such weights (a 27-input stem conv at 2:4, a
+            6-input squeeze-excite conv) stay dense, are listed in the report's ``skipped`` with
+            the reason, and one warning names them all. A pattern set by ``overrides`` that does
+            not fit always raises: it names the layer on purpose.
         overrides: per-site patterns, ``{glob: pattern}``; the first matching glob applies.
         sequential: prune in graph order, each site calibrated on already-pruned inputs.
             ``None`` chooses: on for models with 8+ sites.
@@ -126,6 +138,11 @@ class SparsifyConfig:
         device: where the pruning maths runs (defaults to the weight's device).
         recalibrate_norms: after pruning, re-estimate BatchNorm running statistics on the
             calibration batches (helps CNNs at high sparsity; changes BatchNorm buffers).
+            ``None`` (default, "auto"): on when the model has BatchNorm layers tracking running
+            statistics and calibration data is given (never for data-free magnitude pruning);
+            ``True`` / ``False`` are honoured as given. The report's ``norms_recalibrated``
+            counts the re-estimated layers and ``norms_recalibrated_by_default`` says whether
+            the auto rule turned it on.
     """
 
     sparsity: PatternLike = 0.5
@@ -136,14 +153,16 @@ class SparsifyConfig:
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     fisher: str = "auto"
     include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    exclude: tuple[str, ...] = ()
+    default_exclude: bool = True
+    strict: bool = False
     overrides: Mapping[str, PatternLike] = field(default_factory=dict)
     sequential: Union[bool, None] = None
     sequential_unit: str = "auto"
     dampening: float = 0.01
     blocksize: int = 128
     device: Union[str, None] = None
-    recalibrate_norms: bool = False
+    recalibrate_norms: Union[bool, None] = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -177,6 +196,11 @@ class SparsifyConfig:
             raise ConfigError(f"dampening must be > 0, got {self.dampening}")
         if self.blocksize < 1:
             raise ConfigError(f"blocksize must be >= 1, got {self.blocksize}")
+        if self.recalibrate_norms not in (None, True, False):
+            raise ConfigError(f"recalibrate_norms must be None (auto), True or False, got {self.recalibrate_norms!r}")
+        for name in ("default_exclude", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("include", "exclude", "alpha_grid"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -197,11 +221,17 @@ class SparsifyConfig:
                 return parse_pattern(pat)
         return self.pattern
 
+    @property
+    def exclusions(self) -> tuple[str, ...]:
+        """Every exclude glob in force: :data:`DEFAULT_EXCLUDE` (unless ``default_exclude`` is
+        False) followed by the user's ``exclude``."""
+        return (DEFAULT_EXCLUDE if self.default_exclude else ()) + tuple(self.exclude)
+
     def selects(self, name: str) -> bool:
         """Whether the include/exclude globs select the weight FQN ``name``."""
         if not any(fnmatch.fnmatchcase(name, g) for g in self.include):
             return False
-        return not any(fnmatch.fnmatchcase(name, g) for g in self.exclude)
+        return not any(fnmatch.fnmatchcase(name, g) for g in self.exclusions)
 
     def replace(self, **changes: Any) -> "SparsifyConfig":
         """A copy with ``changes`` applied (validated again)."""
@@ -218,19 +248,41 @@ class SparsifyConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SparsifyConfig":
-        """Build a config from :meth:`to_dict` output; unknown keys raise :class:`ConfigError`."""
+        """Build a config from :meth:`to_dict` output; unknown keys raise :class:`ConfigError`.
+
+        A version-1 dict is migrated so that it means what it meant: its ``exclude`` was the
+        whole list (defaults included), and its ``recalibrate_norms`` defaulted to False."""
         names = {f.name for f in dataclasses.fields(cls)}
+        version = data.get("version", CONFIG_VERSION)
+        if not isinstance(version, int) or version < 1:
+            raise ConfigError(f"config version must be a positive integer, got {version!r}.")
+        if version > CONFIG_VERSION:
+            raise ConfigError(f"config version {version} is newer than this moonshot-fx ({CONFIG_VERSION}).")
         unknown = set(data) - names
         if unknown:
             raise ConfigError(f"unknown config keys {sorted(unknown)}; valid keys: {sorted(names)}")
-        version = data.get("version", CONFIG_VERSION)
-        if version > CONFIG_VERSION:
-            raise ConfigError(f"config version {version} is newer than this moonshot-fx ({CONFIG_VERSION}).")
-        kwargs = dict(data)
+        kwargs = _migrate_v1(data) if version == 1 else dict(data)
         for key in ("include", "exclude", "alpha_grid"):
             if key in kwargs:
                 kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
+
+
+def _migrate_v1(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A version-1 config dict in version-2 terms (same behaviour)."""
+    out = dict(data)
+    for key in ("default_exclude", "strict"):
+        if key in out:
+            raise ConfigError(f"config key {key!r} does not exist in version 1; set version={CONFIG_VERSION}.")
+    if "exclude" in out:
+        exclude = tuple(out["exclude"])
+        if exclude[:len(DEFAULT_EXCLUDE)] == DEFAULT_EXCLUDE:
+            out["exclude"] = exclude[len(DEFAULT_EXCLUDE):]
+        else:  # the user's list replaced the defaults
+            out["exclude"], out["default_exclude"] = exclude, False
+    out.setdefault("recalibrate_norms", False)  # version 1's default: off
+    out["version"] = CONFIG_VERSION
+    return out
 
 
 def default_sequential_unit(config: SparsifyConfig) -> str:

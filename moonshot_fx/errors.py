@@ -36,3 +36,15 @@ class LinalgError(MoonshotError, RuntimeError):
 
 class BackendUnavailableError(MoonshotError, RuntimeError):
     """A deployment backend cannot run here (no CUDA, missing package, unsupported shape)."""
+
+
+class LossError(CalibrationError):
+    """No default loss fits the model's output (MOONSHOT's Fisher, ``alpha="auto"``): pass ``loss_fn``."""
+
+
+class MetaDeviceError(MoonshotError, ValueError):
+    """The model's weights or the inputs are on the ``meta`` device (shapes only, no values)."""
+
+
+class PatternWarning(UserWarning):
+    """Weights kept dense because their input size does not fit the N:M pattern (``strict=False``)."""

@@ -35,7 +35,11 @@ class SparsityReport:
     alpha_search: dict[str, float] = field(default_factory=dict)
     sequential: bool = False
     capture_method: str = ""
+    #: BatchNorm layers whose running statistics were re-estimated after pruning
     norms_recalibrated: int = 0
+    #: whether that re-estimation was switched on by ``recalibrate_norms=None`` (auto: the model
+    #: has BatchNorm and calibration data was given) rather than asked for
+    norms_recalibrated_by_default: bool = False
 
     @property
     def total_params(self) -> int:

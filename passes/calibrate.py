@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.errors import CalibrationError
@@ -24,12 +23,10 @@ from moonshot_fx.stats import (LayerStats, input_rows, output_rows, sample_fishe
 
 from .capture import CapturedGraph
 from .discover import Site
+from .losses import LossFn, default_loss, is_label_free_classifier, output_logits  # noqa: F401 - re-exported
 from .runner import GraphRunner
 
 log = logging.getLogger(__name__)
-
-LossFn = Callable[[Any, tuple[Any, ...], dict[str, Any]], torch.Tensor]
-
 
 def needs_diagonal_only(config: "SparsifyConfig") -> bool:
     """Wanda (also as MOONSHOT's base) reads only Hessian diagonals: skip the d×d products."""
@@ -147,42 +144,6 @@ def split_batch(args: tuple[Any, ...], kwargs: dict[str, Any], size: int) -> lis
         pick = lambda x: x[start:start + size] if isinstance(x, torch.Tensor) and x.dim() > 0 else x  # noqa: E731
         out.append(pytree.tree_map(pick, (args, kwargs)))
     return out
-
-
-def output_logits(output: Any) -> torch.Tensor:
-    """The logits of a model output: ``.logits`` (HF), the first element of a tuple, or the tensor."""
-    logits = getattr(output, "logits", None)
-    if logits is None:
-        logits = output[0] if isinstance(output, (tuple, list)) else output
-    if not isinstance(logits, torch.Tensor):
-        raise CalibrationError("cannot find logits in the model output; pass loss_fn=(output, args, kwargs) -> (B,) losses.")
-    return logits
-
-
-def is_label_free_classifier(output: Any, kwargs: dict[str, Any]) -> bool:
-    """True when :func:`default_loss` would score a classifier against its own predictions."""
-    return output_logits(output).dim() == 2 and kwargs.get("labels") is None
-
-
-def default_loss(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    """Per-sample losses ``(B,)``: LM next-token cross-entropy (mean over a sample's tokens) when
-    the output has logits over a sequence and ``input_ids`` are given; otherwise classifier
-    cross-entropy on the dense model's own predictions (no labels needed), or on ``labels``
-    when the batch carries them."""
-    logits = output_logits(output)
-    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point() else None)
-    if logits.dim() == 3 and ids is not None:
-        labels = kwargs.get("labels", ids)
-        lp = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], reduction="none")
-        return lp.mean(dim=1)
-    if logits.dim() == 2:
-        labels = kwargs.get("labels")
-        if labels is None:
-            labels = logits.detach().argmax(dim=-1)
-        return F.cross_entropy(logits.float(), labels, reduction="none")
-    raise CalibrationError(
-        f"no default loss for an output of shape {tuple(logits.shape)}; pass loss_fn=(output, args, kwargs) -> (B,) losses."
-    )
 
 
 def collect_gradients(

@@ -252,7 +252,7 @@ def select_sites(sites: list[Site], config: SparsifyConfig, *, prune_head: bool 
     for s in sites:
         if s.skipped:
             continue
-        if any(any(fnmatch.fnmatchcase(a, g) for g in config.exclude) for a in s.aliases):
+        if any(any(fnmatch.fnmatchcase(a, g) for g in config.exclusions) for a in s.aliases):
             continue
         if not any(any(fnmatch.fnmatchcase(a, g) for g in config.include) for a in s.aliases):
             continue
@@ -263,7 +263,7 @@ def select_sites(sites: list[Site], config: SparsifyConfig, *, prune_head: bool 
         found = ", ".join(s.name for s in sites[:8]) + (" …" if len(sites) > 8 else "")
         raise NoPrunableSitesError(
             f"no prunable layer left after filtering (found {len(sites)} candidate weights: {found or 'none'}; "
-            f"include={list(config.include)}, exclude={list(config.exclude)}). Check the globs, or pass "
+            f"include={list(config.include)}, exclude={list(config.exclusions)}). Check the globs, or pass "
             "prune_head=True to prune a final classifier."
         )
     return chosen

@@ -75,7 +75,7 @@ def test_llama_sites(llama_sites: dict[str, Site]) -> None:
     assert selected(sites, prune_head=True) == layer_sites
     # ... and an alias matching an exclude glob is enough (lm_head), not only the canonical name
     assert "model.embed_tokens.weight" not in selected(sites, SparsifyConfig(exclude=("*lm_head*",)), prune_head=True)
-    assert "model.embed_tokens.weight" in selected(sites, SparsifyConfig(exclude=()), prune_head=True)
+    assert "model.embed_tokens.weight" in selected(sites, SparsifyConfig(default_exclude=False), prune_head=True)
 
     for i in range(2):
         p = f"model.layers.{i}."
@@ -113,7 +113,7 @@ def test_llama_inspect_table(llama: Any) -> None:
     none = moonshot_fx.inspect(model, batch, SparsifyConfig(include=("nothing*",)))
     assert len(none) == 15 and not any(r["selected"] for r in none)
     # prune_head reaches inspect too (the tied head is selected once the default exclusions are cleared)
-    with_head = moonshot_fx.inspect(model, batch, SparsifyConfig(exclude=()), prune_head=True)
+    with_head = moonshot_fx.inspect(model, batch, SparsifyConfig(default_exclude=False), prune_head=True)
     assert {r["name"]: r["selected"] for r in with_head}["model.embed_tokens.weight"] is True
 
 
@@ -200,11 +200,11 @@ def test_timm_vit_sites() -> None:
     assert pe.conv == {"kernel_size": (8, 8), "stride": (8, 8), "padding": (0, 0), "dilation": (1, 1)}
     assert pe.matrix_shape == (192, 192)
     assert not SparsifyConfig().selects("patch_embed.proj.weight")
-    assert selected(sites, SparsifyConfig(exclude=())) == blocks | {"patch_embed.proj.weight"}
+    assert selected(sites, SparsifyConfig(default_exclude=False)) == blocks | {"patch_embed.proj.weight"}
     # the classifier is excluded twice over: by "head.weight" and as a graph head
     assert sites["head.weight"].is_head
-    assert "head.weight" not in selected(sites, SparsifyConfig(exclude=()))
-    assert "head.weight" in selected(sites, SparsifyConfig(exclude=()), prune_head=True)
+    assert "head.weight" not in selected(sites, SparsifyConfig(default_exclude=False))
+    assert "head.weight" in selected(sites, SparsifyConfig(default_exclude=False), prune_head=True)
     for i in range(2):
         assert sites[f"blocks.{i}.attn.qkv.weight"].matrix_shape == (576, 192)
         assert sites[f"blocks.{i}.mlp.fc2.weight"].matrix_shape == (192, 768)
@@ -220,10 +220,10 @@ def _check_resnet18(sites: dict[str, Site]) -> None:
     assert selected(sites) == RESNET18_CONVS
     assert sites["fc.weight"].is_head and sites["fc.weight"].kind == "linear"
     # fc is kept dense by the head rule even when the exclusion globs are cleared
-    assert selected(sites, SparsifyConfig(exclude=())) == RESNET18_CONVS
-    assert selected(sites, SparsifyConfig(exclude=()), prune_head=True) == RESNET18_CONVS | {"fc.weight"}
+    assert selected(sites, SparsifyConfig(default_exclude=False)) == RESNET18_CONVS
+    assert selected(sites, SparsifyConfig(default_exclude=False), prune_head=True) == RESNET18_CONVS | {"fc.weight"}
     # ... or by naming it explicitly in include
-    assert selected(sites, SparsifyConfig(include=("fc.weight",), exclude=())) == {"fc.weight"}
+    assert selected(sites, SparsifyConfig(include=("fc.weight",), default_exclude=False)) == {"fc.weight"}
     for name in RESNET18_CONVS:
         s = sites[name]
         assert s.kind == "conv2d" and not s.is_head and not s.skipped and not s.transposed

@@ -132,17 +132,20 @@ def test_bad_override_pattern(mlp: MLP) -> None:
 @pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
 @pytest.mark.parametrize("pattern,m", [("2:4", 4), ("4:8", 8)])
 def test_nm_needs_in_features_multiple_of_m(method: str, pattern: str, m: int) -> None:
+    """strict=True: a weight whose input size misfits N:M raises (the default keeps it dense:
+    tests/test_coverage_defaults.py)."""
     torch.manual_seed(0)
     model = MLP(hidden=10)  # c.weight has 10 inputs
     err = assert_unchanged(model, lambda: moonshot_fx.sparsify(model, batches()[0], calibration=batches(),
-                                                               sparsity=pattern, method=method, progress=False),
+                                                               sparsity=pattern, method=method, strict=True,
+                                                               progress=False),
                            PatternError)
     msg = str(err)
     assert "c.weight" in msg and "10 inputs" in msg and f"divisible by {m}" in msg
     assert "exclude" in msg and "overrides" in msg  # says how to fix it
     # the suggested fixes work
     moonshot_fx.sparsify(model, batches()[0], calibration=batches(), sparsity=pattern, method=method,
-                         overrides={"c.weight": 0.5}, progress=False)
+                         overrides={"c.weight": 0.5}, strict=True, progress=False)
     assert moonshot_fx.check_pattern(model.b.weight.detach(), pattern)
 
 

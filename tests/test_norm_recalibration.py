@@ -112,8 +112,16 @@ def test_alpha_auto_with_recalibrate_norms_scores_recalibrated_candidates():
     copy_model = copy.deepcopy(model)
     kw = dict(calibration=calib, sparsity=0.8, method="moonshot", alpha="auto", alpha_grid=(0.0, 1.0),
               prune_head=True, sequential=False, progress=False)
+    auto_model = copy.deepcopy(model)
     moonshot_fx.sparsify(model, recalibrate_norms=True, **kw)
-    moonshot_fx.sparsify(copy_model, **kw)
+    moonshot_fx.sparsify(copy_model, recalibrate_norms=False, **kw)
     on, off = model.moonshot_report.alpha_search, copy_model.moonshot_report.alpha_search
     assert on.keys() == off.keys() and all(abs(on[k] - off[k]) > 1e-4 for k in on)
     assert model.moonshot_report.norms_recalibrated == 2
+    # the default (auto: on for a BatchNorm model with calibration data) is resolved before the
+    # α search, which therefore scores exactly as with recalibrate_norms=True
+    moonshot_fx.sparsify(auto_model, **kw)
+    report = auto_model.moonshot_report
+    assert report.alpha_search == on and report.norms_recalibrated == 2 and report.norms_recalibrated_by_default
+    assert report.config["recalibrate_norms"] is True
+    assert not model.moonshot_report.norms_recalibrated_by_default  # asked for, not by default
