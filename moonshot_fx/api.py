@@ -20,11 +20,11 @@ import torch.nn as nn
 from .config import SparsifyConfig, default_sequential_unit
 from .errors import CalibrationError, ConfigError, NoPrunableSitesError, PatternError, PatternWarning
 from .masks import check_pattern
-from .passes.apply import write_weights
+from .passes.apply import read_weights, write_weights
 from .passes.calibrate import (LossFn, collect_gradients, collect_hessians, default_loss, group_sites,
                                needs_diagonal_only, output_logits)
 from .passes.capture import CapturedGraph, batch_shape_key, capture, iter_batches, normalize_batch
-from .passes.discover import Site, find_sites, select_sites
+from .passes.discover import Site, find_sites, router_skips, select_sites
 from .passes.losses import scores_own_predictions, soft_target_loss
 from .passes.meta import check_not_meta
 from .passes.norm_recalibration import (batchnorm_modules, batchnorm_state, recalibrate_batchnorm,
@@ -214,13 +214,17 @@ def sparsify(
         report = SparsityReport(config=cfg.to_dict(), skipped=skipped,
                                 sequential=sequential and cfg.method != "magnitude", capture_method=captured.method,
                                 norms_recalibrated_by_default=bn_auto and bool(cfg.recalibrate_norms))
+        report.skipped.update(router_skips(all_sites, sites, cfg))
         results = _run(model, captured, sites, norm, cfg, sequential, loss_fn, progress, timings, report)
+        for name in [n for n, r in results.items() if r.skipped]:  # e.g. an unrouted expert kept dense
+            report.skipped[name] = results.pop(name).skipped
+        sites = [s for s in sites if s.name in results]
         for s in sites:
             r = results[s.name]
             if not check_pattern(to_matrix(s, r.weight), r.pattern):
                 raise PatternError(f"internal error: {s.name} does not satisfy {r.pattern}; model left unchanged")
         if cfg.recalibrate_norms:
-            snapshot = {n: p.detach().clone() for n, p in ((r, model.get_parameter(r)) for r in results)}
+            snapshot = read_weights(model, list(results))
             write_weights(model, {name: r.weight for name, r in results.items()})
             try:
                 t = time.perf_counter()
@@ -233,7 +237,7 @@ def sparsify(
             write_weights(model, {name: r.weight for name, r in results.items()})
     finally:
         model.train(was_training)
-    report.sites = [SiteReport(r.name, r.pattern, r.sparsity, r.rel_error, s.params, r.seconds)
+    report.sites = [SiteReport(r.name, r.pattern, r.sparsity, r.rel_error, s.params, r.seconds, r.note)
                     for s in sites for r in [results[s.name]]]
     timings["total"] = time.perf_counter() - t0
     report.timings = timings
@@ -387,7 +391,7 @@ def held_out_loss_recalibrated(model: nn.Module, norm_fit: list[Any], held: list
     ``held``. The model's parameters and BatchNorm buffers are restored before returning, also on
     error. Without this, candidates whose pruned activations BatchNorm would re-centre are judged
     with the dense statistics, which at high sparsity makes every candidate look alike."""
-    saved_w = {n: model.get_parameter(n).detach().clone() for n in weights}
+    saved_w = read_weights(model, list(weights))
     saved_bn = batchnorm_state(model)
     try:
         write_weights(model, weights)

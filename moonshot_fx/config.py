@@ -94,8 +94,17 @@ SEQUENTIAL_UNITS = ("auto", "block", "group")
 #: pruners that re-fit the kept weights (OBS updates, least squares) rather than only choosing a mask
 WEIGHT_UPDATING = ("sparsegpt", "optima")
 
-#: Default exclusions: embeddings, LM heads and final classifiers are kept dense.
-DEFAULT_EXCLUDE = ("*embed*", "*lm_head*", "*wte*", "*wpe*", "*classifier*", "fc.weight", "head.weight", "linear.weight")
+#: Mixture-of-experts routers, kept dense by default: Mixtral / Qwen2-MoE ``mlp.gate.weight``
+#: (E outputs), Qwen2-MoE's one-output ``mlp.shared_expert_gate.weight``, ``router`` modules
+#: (gpt-oss, Switch). Not caught: ``gate_proj`` / ``gate_up_proj`` (the experts' own weights).
+ROUTER_EXCLUDE = ("*mlp.gate.weight", "*block_sparse_moe.gate.weight", "*shared_expert_gate.weight", "*router*")
+
+#: Default exclusions: embeddings, LM heads, final classifiers and MoE routers are kept dense.
+DEFAULT_EXCLUDE = ("*embed*", "*lm_head*", "*wte*", "*wpe*", "*classifier*", "fc.weight", "head.weight",
+                   "linear.weight") + ROUTER_EXCLUDE
+
+#: what happens to an expert that no calibration token was routed to
+UNROUTED_EXPERTS = ("magnitude", "dense")
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,10 @@ class SparsifyConfig:
             ``True`` / ``False`` are honoured as given. The report's ``norms_recalibrated``
             counts the re-estimated layers and ``norms_recalibrated_by_default`` says whether
             the auto rule turned it on.
+        unrouted_experts: a mixture-of-experts slice (``…experts.down_proj[3]``) that no
+            calibration token was routed to has no statistics: ``"magnitude"`` prunes it by
+            magnitude (its report row's ``note`` says so), ``"dense"`` leaves it dense (listed in
+            ``report.skipped``).
     """
 
     sparsity: PatternLike = 0.5
@@ -163,6 +176,7 @@ class SparsifyConfig:
     blocksize: int = 128
     device: Union[str, None] = None
     recalibrate_norms: Union[bool, None] = None
+    unrouted_experts: str = "magnitude"
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -192,6 +206,8 @@ class SparsifyConfig:
             raise ConfigError(f"alpha_grid {self.alpha_grid} must be non-empty values in [0, 1].")
         if self.sequential_unit not in SEQUENTIAL_UNITS:
             raise ConfigError(f"unknown sequential_unit {self.sequential_unit!r}: choose 'auto', 'block' or 'group'.")
+        if self.unrouted_experts not in UNROUTED_EXPERTS:
+            raise ConfigError(f"unknown unrouted_experts {self.unrouted_experts!r}: choose 'magnitude' or 'dense'.")
         if not self.dampening > 0:
             raise ConfigError(f"dampening must be > 0, got {self.dampening}")
         if self.blocksize < 1:

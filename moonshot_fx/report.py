@@ -21,6 +21,9 @@ class SiteReport:
     rel_error: float
     params: int
     seconds: float
+    #: how the site was handled when it differs from the method (e.g. a mixture-of-experts slice
+    #: that no calibration token reached: ``"… pruned by magnitude"``); empty otherwise
+    note: str = ""
 
 
 @dataclass

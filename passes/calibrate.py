@@ -18,7 +18,8 @@ import torch.fx as fx
 
 from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.errors import CalibrationError
-from moonshot_fx.stats import (LayerStats, input_rows, output_rows, sample_fisher, squared_row_norms,
+from moonshot_fx.stats import (LayerStats, accumulate_hessian, input_rows, output_rows, sample_fisher, squared_row_norms,
+                               token_fisher,
                                weight_fisher_diagonal)
 
 from .capture import CapturedGraph
@@ -34,16 +35,24 @@ def needs_diagonal_only(config: "SparsifyConfig") -> bool:
                                         and config.fisher != "sample")
 
 
+def accumulation_key(node: str, site: Site) -> str:
+    """Key of one accumulation point: the node name, or ``"node|site"`` for an expert slice
+    (the experts of a 3-D parameter share one grouped-product node, each with its own rows)."""
+    return node if site.slice_index is None else f"{node}|{site.name}"
+
+
 def accumulating_nodes(sites: Sequence[Site]) -> dict[str, str]:
-    """node name → group for the nodes whose input is accumulated (one node per shared input)."""
+    """accumulation key (:func:`accumulation_key`) → group, for the nodes whose input is
+    accumulated (one node per shared input)."""
     out: dict[str, str] = {}
     seen: set[str] = set()
     for s in sites:
         for node, inp in zip(s.nodes, s.inputs):
+            key = accumulation_key(node, s)
             if len(s.nodes) > 1:
-                out[node] = s.group
+                out[key] = s.group
             elif s.group not in seen:
-                out[node] = s.group
+                out[key] = s.group
                 seen.add(s.group)
     return out
 
@@ -73,8 +82,12 @@ class StatsCollector:
         self.batch_offset = 0  # index of the first batch of the current run in row_weights
         self.cursor: dict[tuple[str, int], int] = {}  # (site, batch) -> rows consumed so far
 
+    def group_at(self, node: fx.Node, site: Site) -> str | None:
+        """The group whose statistics ``site``'s input at ``node`` feeds, if accumulated there."""
+        return self.accumulate_at.get(accumulation_key(node.name, site))
+
     def __call__(self, node: fx.Node, site: Site, xs: list[torch.Tensor]) -> None:
-        group = self.accumulate_at.get(node.name)
+        group = self.group_at(node, site)
         if group is None:
             return
         st = self.stats.setdefault(group, LayerStats(diagonal_only=self.diagonal_only))
@@ -168,8 +181,10 @@ def collect_gradients(
     runner = GraphRunner(captured, sites)
     params = [p for p in captured.gm.parameters()]
     flags = [p.requires_grad for p in params]
-    row_weights: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    plain = [s for s in sites if s.slice_index is None]
+    row_weights: dict[str, list[torch.Tensor]] = {s.name: [] for s in plain}
     fishers: dict[str, torch.Tensor] = {}
+    expert_rows: dict[str, int] = {}
     total, count = 0.0, 0
     try:
         for p in params:
@@ -182,13 +197,13 @@ def collect_gradients(
                 chunks = [(b_args, b_kwargs)]  # a static-shape graph runs whole batches only
             batch_rows: dict[str, list[list[torch.Tensor]]] = {s.name: [] for s in sites}  # site -> use -> chunks
             for args, kwargs in chunks:
-                inputs: dict[str, list[torch.Tensor]] = {}
+                inputs: dict[tuple[str, str], list[torch.Tensor]] = {}  # (node, site) -> per batch
                 outputs: dict[str, list[torch.Tensor]] = {}
-                node_site: dict[str, Site] = {}
+                node_sites: dict[str, list[Site]] = {}
 
                 def on_site(node: fx.Node, site: Site, xs: list[torch.Tensor]) -> None:
-                    inputs[node.name] = [x.detach() for x in xs]
-                    node_site[node.name] = site
+                    inputs[(node.name, site.name)] = [x.detach() for x in xs]
+                    node_sites.setdefault(node.name, []).append(site)
 
                 def on_output(node: fx.Node, outs: list[Any]) -> None:
                     outputs[node.name] = outs
@@ -205,13 +220,24 @@ def collect_gradients(
                 count += losses.shape[0]
                 samples = losses.shape[0]
                 per_site: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # site -> (input, δ rows) per use
+                by_name = {n.name: n for n in runner.site_of_node}
                 for name, g in zip(names, grads):
-                    site = node_site[name]
                     grad = torch.zeros_like(outputs[name][0]) if g is None else g.detach()
-                    per_site.setdefault(site.name, []).append((inputs[name][0], output_rows(grad, site.kind)))
+                    for site in node_sites[name]:
+                        rows = runner.rows_of(by_name[name], site)  # an expert's routed rows only
+                        d = output_rows(grad if rows is None else grad[rows], site.kind)
+                        per_site.setdefault(site.name, []).append((inputs[(name, site.name)][0], d))
                 for site in sites:
                     pairs = per_site.get(site.name, [])
-                    if kind == "token":
+                    if kind == "token" and site.slice_index is not None:
+                        # an expert's rows are the tokens routed to it, which pruning earlier layers
+                        # changes (sequential mode): its token Fisher is formed here, on the dense model
+                        for x, d in pairs:
+                            w = d.to(torch.float32).square().sum(dim=1)
+                            rows = input_rows(x, site.kind, site.conv)
+                            fishers[site.name] = accumulate_hessian(fishers.get(site.name), rows, w)
+                            expert_rows[site.name] = expert_rows.get(site.name, 0) + rows.shape[0]
+                    elif kind == "token":
                         uses = batch_rows[site.name]
                         while len(uses) < len(pairs):
                             uses.append([])
@@ -223,17 +249,25 @@ def collect_gradients(
                             fishers[site.name] = fishers[site.name].add_(upd) if site.name in fishers else upd
                     else:
                         for x, d in pairs:
-                            upd = sample_fisher(input_rows(x, site.kind, site.conv), d, samples).to(torch.float32)
+                            rows = input_rows(x, site.kind, site.conv)
+                            if site.slice_index is not None and samples > 1:
+                                # an expert's routed rows do not say which sample they came from
+                                # (a user loss_fn runs whole batches): token-level Fisher for it
+                                upd = token_fisher(rows, d).to(torch.float32)
+                            else:
+                                upd = sample_fisher(rows, d, samples).to(torch.float32)
                             fishers[site.name] = fishers[site.name].add_(upd) if site.name in fishers else upd
                 inputs.clear()
                 outputs.clear()
                 del grads
             if kind == "token":  # per batch: uses in graph order, each over all its samples
-                for site in sites:
+                for site in plain:
                     row_weights[site.name].append(torch.cat([torch.cat(parts) for parts in batch_rows[site.name]]))
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+    for name, n in expert_rows.items():  # the mean over the expert's rows, as LayerStats.mean_fisher
+        fishers[name] = (fishers[name] / max(1, n)).to(torch.float32)
     if not all(torch.isfinite(f).all() for f in fishers.values()):
         raise CalibrationError("non-finite gradients during the Fisher pass; check the loss and inputs.")
     return row_weights, fishers, total / max(1, count)

@@ -18,6 +18,8 @@ from torch.utils import _pytree as pytree
 
 from moonshot_fx.errors import CalibrationError, TraceError
 
+from .experts import grouped_experts_for_capture
+
 log = logging.getLogger(__name__)
 
 Batch = Any
@@ -114,7 +116,9 @@ def capture(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     errors: list[str] = []
     for dynamic in ((False, True) if static_first else (True, False)):
         try:
-            with torch.no_grad():
+            # MoE experts as grouped products: the only experts implementation that traces with one
+            # site per expert slice (see moonshot_fx.passes.experts); the user's setting is restored
+            with torch.no_grad(), grouped_experts_for_capture(model):
                 dyn = _dynamic_spec(model, args, kwargs) if dynamic else None
                 ep = torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
             gm = ep.module()

@@ -5,6 +5,10 @@ as the weight of a linear map: ``linear``/``F.linear``, ``addmm``/``mm``/``matmu
 operand (HF ``Conv1D`` stores its weight as ``(in, out)``: ``transposed``), ``conv1d``/``conv2d``.
 Sites that read the same input tensor with the same unfolding share one statistic (``group``).
 Grouped/depthwise convolutions are reported as skipped with the reason.
+
+Mixture-of-experts layers (3-D expert parameters run through a grouped product) give one site per
+expert slice, named ``"<parameter FQN>[e]"`` (``slice_index`` = e), whose statistics are taken
+over the rows routed to that expert only: see :mod:`moonshot_fx.passes.experts`.
 """
 from __future__ import annotations
 
@@ -18,8 +22,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moonshot_fx.config import SparsifyConfig
+from moonshot_fx.config import ROUTER_EXCLUDE, SparsifyConfig
 from moonshot_fx.errors import NoPrunableSitesError
+
+from . import experts as moe
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,14 @@ class Site:
     group: str = ""
     is_head: bool = False
     skipped: str = ""
+    #: expert ``e`` of a 3-D expert parameter (``name`` is ``"<parameter>[e]"``, ``shape`` the
+    #: 2-D slice's); None for an ordinary weight
+    slice_index: int | None = None
+
+    @property
+    def parameter_name(self) -> str:
+        """FQN of the parameter holding this site's weight (the 3-D tensor for an expert slice)."""
+        return moe.split_slice_name(self.name)[0] if self.slice_index is not None else self.name
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -68,9 +82,12 @@ class Site:
 
     def row(self) -> dict[str, Any]:
         """A JSON-friendly summary (the `inspect` table row)."""
-        return {"name": self.name, "kind": self.kind, "shape": list(self.shape), "params": self.params,
-                "group": self.group, "aliases": list(self.aliases), "head": self.is_head,
-                "skipped": self.skipped}
+        row = {"name": self.name, "kind": self.kind, "shape": list(self.shape), "params": self.params,
+               "group": self.group, "aliases": list(self.aliases), "head": self.is_head,
+               "skipped": self.skipped}
+        if self.slice_index is not None:
+            row["slice"] = self.slice_index
+        return row
 
 
 def _param_names(model: nn.Module) -> tuple[dict[int, str], dict[int, tuple[str, ...]]]:
@@ -167,6 +184,9 @@ def find_sites(gm: fx.GraphModule, model: nn.Module) -> list[Site]:
         conv = None
         skip = ""
         if node.op == "call_function":
+            if moe.is_grouped_mm(node):
+                _add_expert_sites(gm, node, canonical, aliases, sites)
+                continue
             if node.target in LINEAR_TARGETS:
                 weight, transposed = _resolve_weight(gm, node.args[1])
                 kind, x_node = "linear", node.args[0]
@@ -216,12 +236,59 @@ def find_sites(gm: fx.GraphModule, model: nn.Module) -> list[Site]:
             site.skipped = site.skipped or "parameter used in incompatible ways (different op kinds)"
         site.nodes.append(node.name)
         site.inputs.append(x_node.name)
+    _report_unsupported_experts(gm, canonical, aliases, sites)
     _mark_heads(gm, sites)
     for site in sites.values():
         conv_key = "" if site.conv is None else str(sorted(site.conv.items()))
         site.group = (site.inputs[0] if len(site.inputs) == 1 else f"{site.name}@" + "+".join(site.inputs)) + (
             f"|{site.kind}{conv_key}" if site.kind != "linear" else "")
+        if site.slice_index is not None and len(site.inputs) == 1:
+            site.group += f"[{site.slice_index}]"  # each expert sees its own rows of the shared input
     return list(sites.values())
+
+
+def _add_expert_sites(gm: fx.GraphModule, node: fx.Node, canonical: dict[int, str],
+                      aliases: dict[int, tuple[str, ...]], sites: dict[str, Site]) -> None:
+    """One site per expert slice of the 3-D weight of a grouped product (see module docstring)."""
+    weight, flipped = moe.resolve_expert_weight(gm, node.args[1] if len(node.args) > 1 else None)
+    x_node = node.args[0] if node.args else None
+    name = canonical.get(id(weight)) if weight is not None else None
+    if weight is None or name is None or not isinstance(x_node, fx.Node):
+        return
+    # grouped_mm multiplies (S, in) rows by (E, in, out): a (E, out, in) parameter reaches it transposed
+    transposed = not flipped
+    skip = "" if moe.offsets_node(node) is not None else "grouped product without per-expert offsets"
+    for e in range(weight.shape[0]):
+        key = moe.slice_name(name, e)
+        site = sites.get(key)
+        if site is None:
+            site = sites[key] = Site(name=key, kind="linear", shape=tuple(weight.shape[1:]), transposed=transposed,
+                                     aliases=tuple(moe.slice_name(a, e) for a in aliases.get(id(weight), (name,))),
+                                     skipped=skip, slice_index=e)
+        elif site.transposed != transposed:
+            site.skipped = site.skipped or "parameter used in incompatible ways (different layouts)"
+        site.nodes.append(node.name)
+        site.inputs.append(x_node.name)
+
+
+def _report_unsupported_experts(gm: fx.GraphModule, canonical: dict[int, str], aliases: dict[int, tuple[str, ...]],
+                                sites: dict[str, Site]) -> None:
+    """A 3-D parameter read per expert by something other than a grouped product (an experts
+    implementation moonshot-fx cannot calibrate) becomes a skipped site, so it is reported."""
+    seen = {s.parameter_name for s in sites.values()}
+    for node in gm.graph.nodes:
+        if not moe.uses_3d_parameter(gm, node):
+            continue
+        op = moe.unsupported_expert_use(node)
+        weight, _ = moe.resolve_expert_weight(gm, node)
+        name = canonical.get(id(weight)) if weight is not None else None
+        if not op or name is None or name in seen or "expert" not in name:
+            continue
+        seen.add(name)
+        sites[name] = Site(name=name, kind="linear", shape=tuple(weight.shape), nodes=[node.name], inputs=[node.name],
+                           aliases=aliases.get(id(weight), (name,)),
+                           skipped=f"3-D (per-expert) weight read through {op}, which moonshot-fx cannot calibrate "
+                                   "per expert; run the experts with experts_implementation='grouped_mm'")
 
 
 def _mark_heads(gm: fx.GraphModule, sites: dict[str, Site]) -> None:
@@ -252,9 +319,10 @@ def select_sites(sites: list[Site], config: SparsifyConfig, *, prune_head: bool 
     for s in sites:
         if s.skipped:
             continue
-        if any(any(fnmatch.fnmatchcase(a, g) for g in config.exclusions) for a in s.aliases):
+        names = _glob_names(s)
+        if any(any(fnmatch.fnmatchcase(a, g) for g in config.exclusions) for a in names):
             continue
-        if not any(any(fnmatch.fnmatchcase(a, g) for g in config.include) for a in s.aliases):
+        if not any(any(fnmatch.fnmatchcase(a, g) for g in config.include) for a in names):
             continue
         if s.is_head and not prune_head and not _explicitly_included(s, config):
             continue
@@ -269,5 +337,29 @@ def select_sites(sites: list[Site], config: SparsifyConfig, *, prune_head: bool 
     return chosen
 
 
+def _glob_names(site: Site) -> tuple[str, ...]:
+    """The names include/exclude globs are matched against: the aliases, and for an expert slice
+    also its parameter's aliases (``*experts.down_proj`` selects every expert of it)."""
+    if site.slice_index is None:
+        return site.aliases
+    return site.aliases + tuple(moe.split_slice_name(a)[0] for a in site.aliases)
+
+
 def _explicitly_included(site: Site, config: SparsifyConfig) -> bool:
-    return any(g != "*" and fnmatch.fnmatchcase(a, g) for g in config.include for a in site.aliases)
+    return any(g != "*" and fnmatch.fnmatchcase(a, g) for g in config.include for a in _glob_names(site))
+
+
+def router_skips(sites: list[Site], chosen: list[Site], config: SparsifyConfig) -> dict[str, str]:
+    """name → reason for the mixture-of-experts routers left dense by the default exclusions
+    (:data:`moonshot_fx.config.ROUTER_EXCLUDE`) — reported so that no dense weight goes unmentioned."""
+    picked = {s.name for s in chosen}
+    globs = [g for g in config.exclusions if g in ROUTER_EXCLUDE]
+    out = {}
+    for s in sites:
+        if s.name in picked or s.skipped:
+            continue
+        hit = next((g for g in globs for a in _glob_names(s) if fnmatch.fnmatchcase(a, g)), None)
+        if hit is not None:
+            out[s.name] = (f"mixture-of-experts router, kept dense by default (exclude glob {hit!r}); "
+                           "default_exclude=False (with your own exclude list) prunes it")
+    return out

@@ -19,6 +19,7 @@ from moonshot_fx.pruners import prune_layer, quadratic_error
 from moonshot_fx.stats import LayerStats
 
 from .discover import Site
+from .experts import split_slice_name
 
 
 @dataclass
@@ -33,11 +34,25 @@ class SiteResult:
     #: MOONSHOT's H_mix where the sequential pass formed it instead of H (token Fisher, fixed α)
     rel_error: float
     seconds: float
+    #: how the site was handled when that differs from the method (e.g. an expert no
+    #: calibration token reached, pruned by magnitude)
+    note: str = ""
+    #: non-empty: the site was left dense for this reason (``weight`` is its unchanged value;
+    #: the caller reports it in ``report.skipped`` and does not write it)
+    skipped: str = ""
 
 
 def parameter(model: nn.Module, name: str) -> torch.Tensor:
-    """The parameter called ``name`` in ``model``."""
-    return model.get_parameter(name)
+    """The parameter called ``name`` in ``model``; for an expert slice ``"<param>[e]"`` the view
+    ``param[e]`` of the 3-D parameter (see :mod:`moonshot_fx.passes.experts`)."""
+    base, index = split_slice_name(name)
+    if index is None:
+        return model.get_parameter(name)
+    return model.get_parameter(base)[index]
+
+
+UNROUTED_NOTE = "no calibration token was routed to this expert: pruned by magnitude"
+UNROUTED_DENSE = "no calibration token was routed to this expert: left dense (unrouted_experts='dense')"
 
 
 def to_matrix(site: Site, w: torch.Tensor) -> torch.Tensor:
@@ -62,6 +77,8 @@ def prune_group(
 ) -> list[SiteResult]:
     """Prune every site of one input group against the group's shared Hessian."""
     weights = weights or {}
+    if config.method != "magnitude" and stats.rows == 0 and sites and all(s.slice_index is not None for s in sites):
+        return [_unrouted(site, model, config, weights) for site in sites]
     # MOONSHOT's H_mix formed directly per site (sequential, token Fisher): no shared H exists
     H = stats.mean_hessian() if config.method != "magnitude" and not stats.mixed else None
     shared_u = None
@@ -106,3 +123,20 @@ def prune_group(
             rel_error=rel, seconds=time.perf_counter() - t0,
         ))
     return results
+
+
+def _unrouted(site: Site, model: nn.Module, config: SparsifyConfig, weights: dict[str, torch.Tensor]) -> SiteResult:
+    """An expert slice without calibration rows: magnitude-pruned, or left dense
+    (``config.unrouted_experts``)."""
+    t0 = time.perf_counter()
+    param = weights.get(site.name, parameter(model, site.name)).detach()
+    pattern = config.pattern_for(site.name)
+    if config.unrouted_experts == "dense":
+        return SiteResult(name=site.name, weight=param, pattern="dense", sparsity=float((param == 0).float().mean()),
+                          rel_error=float("nan"), seconds=time.perf_counter() - t0, skipped=UNROUTED_DENSE)
+    device = torch.device(config.device) if config.device else param.device
+    W = to_matrix(site, param).to(device=device, dtype=torch.float32)
+    new, _ = prune_layer(W, None, pattern, method="magnitude")
+    value = from_matrix(site, new.to(param.dtype)).to(param.device)
+    return SiteResult(name=site.name, weight=value, pattern=str(pattern), sparsity=float((new == 0).float().mean()),
+                      rel_error=float("nan"), seconds=time.perf_counter() - t0, note=UNROUTED_NOTE)

@@ -10,6 +10,11 @@ make the passes:
 * weights are read through ``weights`` (name → tensor) before the module's own parameters, so
   pruned values take effect inside the run without touching the user's model.
 
+An expert slice site (``…experts.gate_up_proj[3]``, see :mod:`.experts`) shares its grouped-product
+node with the other experts of its parameter: ``on_site`` is called once per slice, with only the
+rows routed to that expert (``rows_of`` gives them for the last run), and a 3-D parameter is read
+with every substituted slice written into a copy of it.
+
 Nodes with no placeholder ancestor (parameters and what is computed from them only, such as a
 transposed weight) are evaluated at use time, so a substituted weight is always the one used.
 """
@@ -22,6 +27,7 @@ import torch.fx as fx
 
 from moonshot_fx.errors import CalibrationError, MoonshotError
 
+from . import experts as moe
 from .capture import CapturedGraph
 from .discover import Site
 
@@ -39,7 +45,20 @@ class GraphRunner:
         nodes = list(self.gm.graph.nodes)
         self.nodes = nodes
         by_name = {n.name: n for n in nodes}
-        self.site_of_node = {by_name[name]: s for s in self.sites for name in s.nodes}
+        #: node → the sites it uses (several for a grouped expert product: one per expert slice)
+        self.sites_of_node: dict[fx.Node, list[Site]] = {}
+        for s in self.sites:
+            for name in s.nodes:
+                self.sites_of_node.setdefault(by_name[name], []).append(s)
+        self.site_of_node = {n: ss[0] for n, ss in self.sites_of_node.items()}
+        #: 3-D parameter FQN → its expert slice sites (substitutes are written into a copy)
+        self.slices_of: dict[str, list[Site]] = {}
+        for s in self.sites:
+            if s.slice_index is not None:
+                self.slices_of.setdefault(s.parameter_name, []).append(s)
+        #: (node name, site name, batch) → that expert's rows in the node's input, last run
+        self.expert_slices: dict[tuple[str, str, int], slice] = {}
+        self._assembled: dict[str, tuple[tuple[int, ...], torch.Tensor]] = {}
         self._get_attr_names = self._attr_aliases()
         self.order = {n: i for i, n in enumerate(nodes)}
         self.batch_dependent: set[fx.Node] = set()
@@ -57,8 +76,9 @@ class GraphRunner:
         params = dict(self.gm.named_parameters(remove_duplicate=False))
         for s in self.sites:
             for alias in s.aliases:
+                alias = moe.split_slice_name(alias)[0] if s.slice_index is not None else alias
                 if alias in params:
-                    names[alias] = s.name
+                    names[alias] = s.parameter_name
         return names
 
     def fetch_attr(self, target: str) -> Any:
@@ -69,7 +89,46 @@ class GraphRunner:
         value: Any = self.gm
         for part in target.split("."):
             value = getattr(value, part)
+        if canonical is not None and canonical in self.slices_of:
+            return self._with_slices(canonical, value)
         return value
+
+    def _with_slices(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        """``param`` (3-D) with its substituted expert slices written into a copy (cached until
+        the set of substitutes changes); ``param`` itself when none is substituted."""
+        subs = [(s.slice_index, self.weights[s.name]) for s in self.slices_of[name] if s.name in self.weights]
+        if not subs:
+            return param
+        key = tuple(id(w) for _, w in subs)
+        cached = self._assembled.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        out = param.detach().clone()
+        for e, w in subs:
+            out[e] = w.to(out.dtype)
+        self._assembled[name] = (key, out)
+        return out
+
+    def rows_of(self, node: fx.Node, site: Site, batch: int = 0) -> slice | None:
+        """The rows of ``node``'s input (and output) that belong to expert slice ``site`` in the
+        last run; None for an ordinary site (all rows)."""
+        return self.expert_slices.get((node.name, site.name, batch))
+
+    def _site_inputs(self, node: fx.Node, site: Site, value: Callable[[int], Callable[[fx.Node], Any]],
+                     nb: int) -> list[torch.Tensor]:
+        """``site``'s input at ``node`` for every batch: an expert slice gets its routed rows only."""
+        x_node = next(a for a in node.all_input_nodes if a.name == site.inputs[site.nodes.index(node.name)])
+        xs = [value(b)(x_node) for b in range(nb)]
+        if site.slice_index is None:
+            return xs
+        offs_node = moe.offsets_node(node)
+        assert offs_node is not None  # discovery skips grouped products without offsets
+        out = []
+        for b, x in enumerate(xs):
+            rows = moe.expert_rows(value(b)(offs_node), site.slice_index)
+            self.expert_slices[(node.name, site.name, b)] = rows
+            out.append(x[rows])
+        return out
 
     def _const(self, node: fx.Node) -> Any:
         if node.op == "get_attr":
@@ -131,8 +190,8 @@ class GraphRunner:
                 return [fx.node.map_arg(node.args[0], value(b)) for b in range(nb)], i + 1
             site = self.site_of_node.get(node)
             if site is not None and on_site is not None:
-                x_node = next(a for a in node.all_input_nodes if a.name == site.inputs[site.nodes.index(node.name)])
-                on_site(node, site, [value(b)(x_node) for b in range(nb)])
+                for s in self.sites_of_node[node]:
+                    on_site(node, s, self._site_inputs(node, s, value, nb))
             if node is stop_at and not execute_stop:
                 return None, i
             outs = []

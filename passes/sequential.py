@@ -26,7 +26,7 @@ import torch.nn as nn
 from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.errors import CalibrationError
 
-from .calibrate import StatsCollector, needs_diagonal_only
+from .calibrate import StatsCollector, accumulation_key, needs_diagonal_only
 from .capture import CapturedGraph
 from .discover import Site
 from .partition import block_key, segments
@@ -69,16 +69,17 @@ def sequential_prune(
     if config.sequential_unit == "block":
         _run_blocks(captured, sites, flat_batches, collector, substitutes, prune)
         return results
-    remaining_nodes = {g: [n for s in ss for n, _ in zip(s.nodes, s.inputs) if collector.accumulate_at.get(n) == g]
+    remaining_nodes = {g: [accumulation_key(n, s) for s in ss for n in s.nodes
+                           if collector.accumulate_at.get(accumulation_key(n, s)) == g]
                        for g, ss in collector.groups.items()}
     runner = GraphRunner(captured, sites, weights=substitutes)
 
     def on_site(node: fx.Node, site: Site, xs: list[torch.Tensor]) -> None:
-        group = collector.accumulate_at.get(node.name)
+        group = collector.group_at(node, site)
         if group is None:
             return
         collector(node, site, xs)
-        remaining_nodes[group].remove(node.name)
+        remaining_nodes[group].remove(accumulation_key(node.name, site))
         if remaining_nodes[group]:
             return  # a parameter used at several places: prune after its last use is seen
         prune(group)
@@ -108,7 +109,8 @@ def _run_blocks(captured: CapturedGraph, sites: Sequence[Site], flat_batches: li
             scratch = env if final else dict(env)
             runner.advance(scratch, nb, pos, on_site=collector, stop_at=last, execute_stop=False)
             del scratch
-            for group in dict.fromkeys(group_of[n] for n in seg):
+            # every group of the segment's nodes (a grouped expert product carries one per expert)
+            for group in dict.fromkeys(s.group for n in seg for s in runner.sites_of_node[by_name[n]]):
                 prune(group)
             if not final:  # propagate with the pruned weights; nothing reads the last block's output
                 _, pos = runner.advance(env, nb, pos, stop_at=last)
