@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,8 +37,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .config import DEFAULT_EXCLUDE, METHODS, BASES, SparsifyConfig, parse_pattern
-from .errors import MoonshotError
+from .api import NM_SKIP_MARK
+from .config import METHODS, BASES, SparsifyConfig, parse_pattern
+from .errors import MoonshotError, PatternWarning
 
 log = logging.getLogger("moonshot_fx.cli")
 
@@ -197,22 +199,6 @@ def weight_sparsity(model: nn.Module) -> tuple[float, int]:
 # ----------------------------------------------------------------------------- commands
 
 
-def _incompatible_nm(model: nn.Module, example: Any, cfg: SparsifyConfig, prune_head: bool) -> list[str]:
-    """Selected sites whose input size is not a multiple of their N:M pattern's M."""
-    from .passes.capture import capture, normalize_batch
-    from .passes.discover import find_sites, select_sites
-
-    args, kwargs = normalize_batch(example, model)
-    captured = capture(model, args, kwargs)
-    sites = select_sites(find_sites(captured.gm, model), cfg, prune_head=prune_head)
-    out = []
-    for s in sites:
-        pat = cfg.pattern_for(s.name)
-        if pat.is_nm and s.matrix_shape[1] % pat.m:
-            out.append(s.name)
-    return out
-
-
 def _alpha(text: str) -> float | str:
     if text == "auto":
         return text
@@ -234,9 +220,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options["sequential_unit"] = args.sequential_unit
     if args.fisher is not None:
         options["fisher"] = args.fisher
-    if args.recalibrate_norms:
-        options["recalibrate_norms"] = True
-    exclude = tuple(DEFAULT_EXCLUDE) + tuple(args.exclude or ())
+    if args.recalibrate_norms is not None:  # None: the API's default (on for BatchNorm models)
+        options["recalibrate_norms"] = args.recalibrate_norms
+    exclude = tuple(args.exclude or ())  # added to DEFAULT_EXCLUDE by the config
     cfg = SparsifyConfig(sparsity=args.sparsity, method=args.method, exclude=exclude,
                          include=tuple(args.include or ("*",)), **options)
 
@@ -245,15 +231,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters)")
     batches, calib_desc = calibration_batches(loaded, args)
     print(f"calibration: {calib_desc}")
-
-    if pattern.is_nm:
-        dense = _incompatible_nm(model, batches[0], cfg, args.prune_head)
-        if dense:
-            msg = (f"keeping {len(dense)} layer(s) dense: input size not a multiple of {pattern.m} "
-                   f"for {pattern}: {', '.join(dense)}")
-            log.info(msg)
-            print(f"note: {msg}")
-            cfg = cfg.replace(exclude=cfg.exclude + tuple(dense))
 
     dense_metric = None
     if args.eval:
@@ -265,10 +242,20 @@ def cmd_prune(args: argparse.Namespace) -> int:
     calib = batches if args.method != "magnitude" else []
     from .api import sparsify
 
-    sparsify(model, batches[0], calibration=calib, config=cfg, prune_head=args.prune_head,
-             progress=not args.no_progress)
+    with warnings.catch_warnings():  # the N:M misfits are printed below from the report
+        warnings.simplefilter("ignore", PatternWarning)
+        sparsify(model, batches[0], calibration=calib, config=cfg, prune_head=args.prune_head,
+                 progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     report = model.moonshot_report  # type: ignore[attr-defined]
+    misfits = [n for n, r in report.skipped.items() if NM_SKIP_MARK in r]
+    if misfits:
+        print(f"note: keeping {len(misfits)} layer(s) dense: input size not a multiple of {pattern.m} "
+              f"for {pattern}: {', '.join(misfits)}")
+    if report.norms_recalibrated:
+        print("BatchNorm statistics re-estimated on the calibration data"
+              + (" (default for BatchNorm models; --no-recalibrate-norms to keep them)"
+                 if report.norms_recalibrated_by_default else ""))
     alpha = f", alpha={report.alpha:g}" if report.alpha is not None else ""
     print(f"pruned: {len(report.sites)} layers to {pattern} with {args.method}{alpha}; "
           f"{100 * report.overall_sparsity:.1f}% of {report.total_params:,} weights are zero; {seconds:.1f}s")
@@ -370,9 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", metavar="GLOB",
                    help="also keep weights matching GLOB dense (added to the defaults; repeatable)")
     p.add_argument("--prune-head", action="store_true", help="also prune the final classifier when the globs allow it")
-    p.add_argument("--recalibrate-norms", action="store_true",
-                   help="re-estimate BatchNorm statistics on the calibration data after pruning "
-                        "(CNNs; matters most at high sparsity)")
+    bn = p.add_mutually_exclusive_group()
+    bn.add_argument("--recalibrate-norms", dest="recalibrate_norms", action="store_true", default=None,
+                    help="re-estimate BatchNorm statistics on the calibration data after pruning "
+                         "(default: on for models with BatchNorm; matters most at high sparsity)")
+    bn.add_argument("--no-recalibrate-norms", dest="recalibrate_norms", action="store_false",
+                    help="keep the dense model's BatchNorm statistics")
     p.add_argument("--eval", action="store_true", help="print dense and pruned perplexity / top-1")
     p.add_argument("--out", help="save the pruned state_dict here (atomically)")
     p.add_argument("--report", help="write the sparsity report as JSON here")

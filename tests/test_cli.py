@@ -117,9 +117,10 @@ def test_prune_eval_resnet20(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         else:
             assert moonshot_fx.check_pattern(sd[k], "2:4"), k
     assert torch.equal(sd["linear.weight"], ref["linear.weight"])  # classifier stays dense
-    for k in sd:  # BatchNorm statistics untouched
-        if "running" in k:
-            assert torch.equal(sd[k], ref[k]), k
+    # BatchNorm statistics re-estimated by default (a BatchNorm model given calibration data)
+    assert "BatchNorm statistics re-estimated" in out and "--no-recalibrate-norms" in out
+    assert not torch.equal(sd["bn1.running_mean"], ref["bn1.running_mean"])
+    assert torch.equal(sd["bn1.weight"], ref["bn1.weight"])  # the affine parameters are not touched
 
     out, _ = _run(capsys, "eval", "--model", "resnet20", "--checkpoint", str(ckpt), "--eval-images", "500")
     assert _metric(out, "top-1") == pytest.approx(pruned)
@@ -133,9 +134,10 @@ def test_prune_resnet20_recalibrate_norms(tmp_path: Path, capsys: pytest.Capture
                                 "vision/cifar10/calib.npz"))
     common = ("prune", "--model", "resnet20", "--sparsity", "0.9", "--calib-images", "128", "--eval",
               "--eval-images", "500", "--no-progress")
-    plain, _ = _run(capsys, *common)
+    plain, _ = _run(capsys, *common, "--no-recalibrate-norms")
+    assert "re-estimated" not in plain
     ckpt = tmp_path / "r20bn.pt"
-    out, _ = _run(capsys, *common, "--recalibrate-norms", "--out", str(ckpt))
+    out, _ = _run(capsys, *common, "--out", str(ckpt))  # the default for a BatchNorm model
     assert _metric(out, "pruned top-1") > _metric(plain, "pruned top-1") + 5.0, (plain, out)
     sd = torch.load(ckpt, weights_only=True)
     ref = data.load_cifar_resnet(20).state_dict()
