@@ -110,7 +110,10 @@ def scores_own_predictions(output: Any, kwargs: dict[str, Any], args: tuple[Any,
     decoder ids)."""
     if kwargs.get("labels") is not None:
         return False
-    task = loss_task(output, args, kwargs)
+    try:
+        task = loss_task(output, args, kwargs)
+    except LossError:  # no default loss at all: the loss itself says so when it is needed
+        return False
     return task in ("classifier", "masked_lm") or (task == "seq2seq" and "decoder_input_ids" not in kwargs)
 
 
