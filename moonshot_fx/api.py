@@ -24,7 +24,7 @@ from .passes.apply import read_weights, write_weights
 from .passes.calibrate import (LossFn, collect_gradients, collect_hessians, default_loss, group_sites,
                                needs_diagonal_only, output_logits)
 from .passes.capture import CapturedGraph, batch_shape_key, capture, iter_batches, normalize_batch
-from .passes.discover import Site, find_sites, router_skips, select_sites
+from .passes.discover import Site, dense_reasons, find_sites, select_sites
 from .passes.losses import scores_own_predictions, soft_target_loss
 from .passes.meta import check_not_meta
 from .passes.norm_recalibration import (batchnorm_modules, batchnorm_state, recalibrate_batchnorm,
@@ -75,17 +75,20 @@ def _prepare(model: nn.Module, example_inputs: Any, batches: list[Any], *,
 
 def inspect(model: nn.Module, example_inputs: Any, config: SparsifyConfig | None = None, *, prune_head: bool = False) -> list[dict[str, Any]]:
     """Table of every candidate weight: name, kind, shape, params, shared-input group, whether
-    the given (or default) config selects it, and why a site is skipped."""
+    the given (or default) config selects it, and for every weight it leaves dense the reason
+    (``reason``: skipped by discovery, excluded by which glob, the model's head)."""
     cfg = config or SparsifyConfig()
     check_not_meta(model, [example_inputs])
     args, kwargs = normalize_batch(example_inputs, model)
     captured = capture(model, args, kwargs)
     sites = find_sites(captured.gm, model)
     try:
-        chosen = {s.name for s in select_sites(sites, cfg, prune_head=prune_head)}
+        chosen = select_sites(sites, cfg, prune_head=prune_head)
     except Exception:  # noqa: BLE001 - inspect reports, it does not refuse
-        chosen = set()
-    return [{**s.row(), "selected": s.name in chosen} for s in sites]
+        chosen = []
+    reasons = dense_reasons(sites, chosen, cfg, prune_head=prune_head)
+    picked = {s.name for s in chosen}
+    return [{**s.row(), "selected": s.name in picked, "reason": reasons.get(s.name, "")} for s in sites]
 
 
 #: marks the report.skipped reasons of weights whose input size does not fit the N:M pattern
@@ -198,7 +201,8 @@ def sparsify(
         captured, norm = _prepare(model, example_inputs, batches, one_shape_only=cfg.method != "moonshot")
         timings["capture"] = time.perf_counter() - t0
         all_sites = find_sites(captured.gm, model)
-        sites, misfits = _validate_patterns(select_sites(all_sites, cfg, prune_head=prune_head), cfg)
+        selected = select_sites(all_sites, cfg, prune_head=prune_head)
+        sites, misfits = _validate_patterns(selected, cfg)
         if not sites:
             raise NoPrunableSitesError(
                 f"every selected layer's input size misfits the pattern: {misfits}; use an unstructured "
@@ -208,13 +212,12 @@ def sparsify(
                           "(strict=True raises instead): " + "; ".join(f"{n}: {r}" for n, r in misfits.items()),
                           PatternWarning, stacklevel=2)
         sequential = cfg.sequential if cfg.sequential is not None else len(sites) >= AUTO_SEQUENTIAL_SITES
-        skipped = {s.name: s.skipped for s in all_sites if s.skipped}
+        skipped = dense_reasons(all_sites, selected, cfg, prune_head=prune_head)
         skipped.update(misfits)
         skipped.update(unsupported_weights(model, all_sites))
         report = SparsityReport(config=cfg.to_dict(), skipped=skipped,
                                 sequential=sequential and cfg.method != "magnitude", capture_method=captured.method,
                                 norms_recalibrated_by_default=bn_auto and bool(cfg.recalibrate_norms))
-        report.skipped.update(router_skips(all_sites, sites, cfg))
         results = _run(model, captured, sites, norm, cfg, sequential, loss_fn, progress, timings, report)
         for name in [n for n, r in results.items() if r.skipped]:  # e.g. an unrouted expert kept dense
             report.skipped[name] = results.pop(name).skipped

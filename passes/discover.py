@@ -26,6 +26,7 @@ from moonshot_fx.config import ROUTER_EXCLUDE, SparsifyConfig
 from moonshot_fx.errors import NoPrunableSitesError
 
 from . import experts as moe
+from .heads import head_nodes
 
 log = logging.getLogger(__name__)
 
@@ -292,21 +293,11 @@ def _report_unsupported_experts(gm: fx.GraphModule, canonical: dict[int, str], a
 
 
 def _mark_heads(gm: fx.GraphModule, sites: dict[str, Site]) -> None:
-    """Flag sites from which the graph output is reached without passing another site."""
-    site_nodes = {n: s for s in sites.values() for n in s.nodes}
-    reaches: dict[str, bool] = {}
-    for node in reversed(list(gm.graph.nodes)):
-        if node.op == "output":
-            reaches[node.name] = True
-            continue
-        ok = False
-        for user in node.users:
-            if user.name in site_nodes and user.args and user.args[0] is node:
-                continue  # flows into another site's input: not a head path
-            ok = ok or reaches.get(user.name, False)
-        reaches[node.name] = ok
+    """Flag the sites that produce the model's primary output (:mod:`moonshot_fx.passes.heads`)."""
+    site_nodes = {n for s in sites.values() for n in s.nodes}
+    heads = head_nodes(gm, site_nodes)
     for s in sites.values():
-        s.is_head = any(reaches.get(n, False) for n in s.nodes)
+        s.is_head = any(n in heads for n in s.nodes)
 
 
 def select_sites(sites: list[Site], config: SparsifyConfig, *, prune_head: bool = False) -> list[Site]:
@@ -349,17 +340,35 @@ def _explicitly_included(site: Site, config: SparsifyConfig) -> bool:
     return any(g != "*" and fnmatch.fnmatchcase(a, g) for g in config.include for a in _glob_names(site))
 
 
-def router_skips(sites: list[Site], chosen: list[Site], config: SparsifyConfig) -> dict[str, str]:
-    """name → reason for the mixture-of-experts routers left dense by the default exclusions
-    (:data:`moonshot_fx.config.ROUTER_EXCLUDE`) — reported so that no dense weight goes unmentioned."""
+def dense_reasons(sites: list[Site], chosen: list[Site], config: SparsifyConfig, *,
+                  prune_head: bool = False) -> dict[str, str]:
+    """name → why, for every discovered site that :func:`select_sites` did not choose: skipped by
+    discovery (its own reason), excluded by a default or user glob (which one, and how to prune it
+    anyway), not matched by ``include``, or the model's head — so that no dense weight goes
+    unmentioned in ``report.skipped``."""
     picked = {s.name for s in chosen}
-    globs = [g for g in config.exclusions if g in ROUTER_EXCLUDE]
-    out = {}
+    user = tuple(config.exclude)
+    defaults = tuple(g for g in config.exclusions if g not in user)
+    out: dict[str, str] = {}
     for s in sites:
-        if s.name in picked or s.skipped:
+        if s.name in picked:
             continue
-        hit = next((g for g in globs for a in _glob_names(s) if fnmatch.fnmatchcase(a, g)), None)
-        if hit is not None:
-            out[s.name] = (f"mixture-of-experts router, kept dense by default (exclude glob {hit!r}); "
-                           "default_exclude=False (with your own exclude list) prunes it")
+        names = _glob_names(s)
+        hit = lambda globs: next((g for g in globs for a in names if fnmatch.fnmatchcase(a, g)), None)  # noqa: E731
+        if s.skipped:
+            out[s.name] = s.skipped
+        elif (g := hit(user)) is not None:
+            out[s.name] = f"excluded by exclude glob {g!r}"
+        elif (g := hit(defaults)) is not None:
+            what = ("mixture-of-experts router" if g in ROUTER_EXCLUDE else
+                    "embedding / output head / classifier")
+            out[s.name] = (f"{what}, kept dense by default (exclude glob {g!r}); pass default_exclude=False "
+                           "(with your own exclude list) to prune it")
+        elif not any(fnmatch.fnmatchcase(a, g) for g in config.include for a in names):
+            out[s.name] = f"not matched by include={list(config.include)}"
+        elif s.is_head and not prune_head:
+            out[s.name] = ("the model's head (produces its primary output), kept dense by default; "
+                           "prune_head=True, or naming it in include, prunes it")
+        else:  # pragma: no cover - select_sites and this function disagree
+            out[s.name] = "not selected"
     return out

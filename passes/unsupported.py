@@ -51,7 +51,11 @@ def unsupported_weights(model: nn.Module, sites: Iterable[Site]) -> dict[str, st
     """FQN → reason for every parameter with ``dim() >= 2`` that no site covers (by name or
     alias), in ``model.named_parameters()`` order. Sites themselves, skipped or not, are left
     to the caller."""
-    covered = {a for s in sites for a in (s.name, *s.aliases)}
+    covered = set()
+    for s in sites:  # an expert slice "<param>[e]" covers its 3-D parameter (all slices are sites)
+        covered.update((s.name, *s.aliases, s.parameter_name))
+        if s.slice_index is not None:
+            covered.update(a.rsplit("[", 1)[0] for a in s.aliases)
     owners = _owners(model)
     out: dict[str, str] = {}
     for name, p in model.named_parameters():

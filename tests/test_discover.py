@@ -107,7 +107,8 @@ def test_llama_inspect_table(llama: Any) -> None:
     q = by_name["model.layers.0.self_attn.q_proj.weight"]
     assert q == {"name": "model.layers.0.self_attn.q_proj.weight", "kind": "linear", "shape": [16, 16],
                  "params": 256, "group": q["group"], "aliases": ["model.layers.0.self_attn.q_proj.weight"],
-                 "head": False, "skipped": "", "selected": True}
+                 "head": False, "skipped": "", "selected": True, "reason": ""}
+    assert "kept dense by default" in emb["reason"] and "'*embed*'" in emb["reason"]
     assert by_name["model.layers.0.self_attn.v_proj.weight"]["group"] == q["group"]
     # a config is honoured; one that selects nothing gives an all-False table instead of raising
     none = moonshot_fx.inspect(model, batch, SparsifyConfig(include=("nothing*",)))
@@ -371,7 +372,8 @@ def test_grouped_and_depthwise_convs_are_skipped_with_reason() -> None:
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     moonshot_fx.sparsify(model, x, calibration=[x], sparsity=0.5, method="sparsegpt", progress=False)
     report = model.moonshot_report
-    assert set(report.skipped) == {"dw.weight", "gc.weight", "even.weight"}
+    assert set(report.skipped) == {"dw.weight", "gc.weight", "even.weight", "fc.weight"}
+    assert "kept dense by default" in report.skipped["fc.weight"]  # the classifier: reported, not silent
     assert "groups=16" in report.skipped["dw.weight"]
     assert {s.name for s in report.sites} == {"stem.weight", "same.weight", "pw.weight"}
     for name in ("dw.weight", "gc.weight", "even.weight", "fc.weight"):
