@@ -107,7 +107,9 @@ class MethodSpec:
 def parse_method(label: str) -> MethodSpec:
     """``sparsegpt``, ``moonshot-sparsegpt``, ``moonshot-wanda-auto``, ``moonshot-sparsegpt-a0.5``, ``moonshot-wanda-weight``,
     ``moonshot-optima``, ``optima``, ``magnitude``, ``wanda``; a ``+bn`` suffix adds BatchNorm
-    re-estimation (``recalibrate_norms=True``); an ``@group`` / ``@block`` suffix sets
+    re-estimation (``recalibrate_norms=True``), and a label without it passes
+    ``recalibrate_norms=False`` (the library's default re-estimates for BatchNorm models, and the
+    rows without ``+bn`` are the plain method); an ``@group`` / ``@block`` suffix sets
     ``sequential_unit``."""
     extra: dict[str, Any] = {}
     core = label
@@ -117,6 +119,8 @@ def parse_method(label: str) -> MethodSpec:
     if core.endswith("+bn"):  # re-estimate BatchNorm statistics after pruning
         core = core[:-3]
         extra["recalibrate_norms"] = True
+    else:
+        extra["recalibrate_norms"] = False
     parts = core.split("-")
     if parts[0] != "moonshot":
         return MethodSpec(label, parts[0], tuple(sorted(extra.items())))
