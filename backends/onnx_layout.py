@@ -29,7 +29,7 @@ from torch import nn
 from moonshot_fx.config import Pattern
 from moonshot_fx.masks import pattern_violations
 
-__all__ = ["IN_OUT", "OUT_IN", "graph_layouts", "layout_pattern_problems", "param_layouts", "resolve_layout"]
+__all__ = ["IN_OUT", "OUT_IN", "describe", "graph_layouts", "layout_pattern_problems", "param_layouts", "resolve_layout"]
 
 OUT_IN = "out_in"
 IN_OUT = "in_out"
