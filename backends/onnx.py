@@ -9,7 +9,14 @@ before the file appears at its destination:
   one exact zero) the ONNX initializer that carries it is located, in the exported file and in the
   ORT-optimised model, and every pruned position must still be exactly zero there;
 * **patterns** — optionally, that those initializers satisfy an N:M pattern
-  (:func:`moonshot_fx.check_pattern`).
+  (:func:`moonshot_fx.check_pattern`) along the input dimension of the layer each came from:
+  dimension 0 of a weight stored ``(in, out)`` (GPT-2's ``Conv1D``, ``x @ W``), dimension 1 of an
+  ``(out, in)`` one; the layout comes from the pruning report, the module, or the ONNX graph
+  (:mod:`moonshot_fx.backends.onnx_layout`).
+
+A dimension marked dynamic is exported from an example of size at least 2 along it (a size-1
+example is repeated to 2 first): ``torch.export`` specialises size-1 dimensions, which leaves
+the exported graph tied to that size even where the ONNX input says it is dynamic.
 
 Locating an initializer: by name (ONNX keeps parameter FQNs when nothing rewrote the tensor), else
 by value in the same layout or transposed (the exporter constant-folds ``W.T`` for ``MatMul``),
@@ -48,7 +55,8 @@ from torch.utils import _pytree as pytree
 
 from moonshot_fx.config import PatternLike, parse_pattern
 from moonshot_fx.errors import BackendUnavailableError, ConfigError, MoonshotError, TraceError
-from moonshot_fx.masks import pattern_violations
+
+from . import onnx_layout
 
 __all__ = [
     "InitializerCheck", "OnnxExportError", "OnnxReport", "OnnxVerificationError",
@@ -81,7 +89,9 @@ class InitializerCheck:
     output row, e.g. a folded BatchNorm), ``"nchwc8"``/``"nchwc16"`` (ORT's blocked Conv layout,
     undone before checking), ``"by name"`` (same name and shape, other values), ``"permuted"`` (same values in another order, e.g. ORT's
     NCHWc reorder: positions unknown, only the zero count is compared) or ``"not found"``.
-    ``zeros_preserved`` is None when nothing was found.
+    ``zeros_preserved`` is None when nothing was found. ``weight_layout`` is how the parameter
+    is stored (``"out_in"`` or ``"in_out"``): the pattern is checked along its input dimension;
+    ``layout_source`` says who told (``"report"``, ``"module"``, ``"graph"`` or ``"default"``).
     """
 
     param: str
@@ -93,6 +103,8 @@ class InitializerCheck:
     pattern: str | None = None
     pattern_ok: bool | None = None
     problems: list[str] = field(default_factory=list)
+    weight_layout: str | None = None
+    layout_source: str = ""
 
 
 @dataclass
@@ -312,6 +324,32 @@ def _input_names(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
             name += "_"
         names.append(name)
     return names
+
+
+def _widened(flat: list[torch.Tensor], run: Any) -> list[torch.Tensor]:
+    """Inputs to export from: ``flat`` with every size-1 dimension that is to be dynamic repeated
+    to size 2 (``torch.export`` specialises size-1 dimensions: a graph traced at batch 1 keeps 1
+    in its reshapes even where the ONNX input is marked dynamic, and fails or computes garbage
+    at any other batch). Tried on ``run`` (the eager model) first: all such dimensions, then the
+    batch only; ``flat`` itself when the model accepts neither (that dimension is then static)."""
+    for only_batch in (False, True):
+        out, changed = [], False
+        for t in flat:
+            reps = [1] * t.dim()
+            for d in _dynamic_dims(t):
+                if t.shape[d] == 1 and (d == 0 or not only_batch):
+                    reps[d] = 2
+            changed = changed or any(r != 1 for r in reps)
+            out.append(t.repeat(*reps) if any(r != 1 for r in reps) else t)
+        if not changed:
+            return flat
+        try:
+            with torch.no_grad():
+                run(*out)
+        except Exception:  # noqa: BLE001 - the model fixes that size; try less, then keep the example
+            continue
+        return out
+    return flat
 
 
 def _dynamic_dims(t: torch.Tensor) -> list[int]:
@@ -645,7 +683,11 @@ def _locate(name: str, p: np.ndarray, inits: dict[str, np.ndarray], prefix: str)
 
 
 def _check_zeros(stage: str, params: dict[str, np.ndarray], inits: dict[str, np.ndarray], prefix: str,
-                 patterns: PatternSpec) -> list[InitializerCheck]:
+                 patterns: PatternSpec, model_layouts: dict[str, tuple[str, str]] | None = None,
+                 init_layouts: dict[str, str] | None = None) -> list[InitializerCheck]:
+    """One :class:`InitializerCheck` per pruned parameter; ``model_layouts`` (per parameter, see
+    :func:`onnx_layout.param_layouts`) and ``init_layouts`` (per initializer, see
+    :func:`onnx_layout.graph_layouts`) say along which dimension a pattern is checked."""
     checks = []
     for name, p in params.items():
         zeros = int((p == 0).sum())
@@ -664,9 +706,13 @@ def _check_zeros(stage: str, params: dict[str, np.ndarray], inits: dict[str, np.
             if lost:
                 check.problems.append(f"{lost} of {zeros} pruned positions are non-zero in {init_name!r}")
             if pat is not None:
-                bad = pattern_violations(torch.from_numpy(np.array(a, dtype=np.float32, copy=True)), pat)
+                wl, source = onnx_layout.resolve_layout(name, init_name, layout, model_layouts or {},
+                                                        init_layouts or {})
+                check.weight_layout, check.layout_source = wl, source
+                bad = onnx_layout.layout_pattern_problems(a, pat, wl)
                 check.pattern_ok = not bad
-                check.problems.extend(bad)
+                check.problems.extend(f"not {pat}: {b}; weight layout {onnx_layout.describe(wl, source)}"
+                                      for b in bad)
         checks.append(check)
     return checks
 
@@ -700,8 +746,10 @@ def export_onnx(
             constants. For HF models ``use_cache=False`` is added and only ``.logits`` exported.
         path: destination ``.onnx`` file (written atomically).
         dynamic: mark batch and sequence/spatial dimensions dynamic (``torch.export.Dim.AUTO``:
-            dimensions the model fixes — size-1 examples, fixed image sizes — stay static; the
-            report lists which became dynamic in ``dynamic_dims``).
+            dimensions the model fixes, such as fixed image sizes, stay static; the report lists
+            which became dynamic in ``dynamic_dims``). A size-1 example dimension is repeated to
+            size 2 for the export (``torch.export`` would specialise it to 1) unless the model
+            rejects that; ``export_shapes`` in the report are the shapes exported from.
         verify: run the checks and raise :class:`OnnxVerificationError` when parity exceeds
             ``atol``, a pruned zero was lost, or a pattern is violated. With ``verify=False`` the
             checks still run and are reported, but nothing is raised.
@@ -715,7 +763,8 @@ def export_onnx(
             ``cfg = json.load(f); ort.InferenceSession(cfg["model"], providers=[tuple(p) for p
             in cfg["providers"]])``.
         patterns: check N:M validity of the pruned initializers: one pattern for all pruned
-            parameters (``"2:4"``) or ``{glob on parameter FQN: pattern or None}``.
+            parameters (``"2:4"``) or ``{glob on parameter FQN: pattern or None}``. Groups run
+            along each weight's input dimension (``InitializerCheck.weight_layout``).
         optimization_level: ORT level of the optimised model: ``"extended"`` (default; portable,
             keeps weight layouts), ``"all"`` (adds hardware-specific NCHWc Conv layouts, which the
             zero check undoes), ``"basic"``, ``"disabled"``.
@@ -756,9 +805,11 @@ def export_onnx(
         else [f"output_{i}" for i in range(len(ref_example))]
 
     dynamic_shapes = None
+    export_flat = flat
     if dynamic:
         auto = torch.export.Dim.AUTO
         dynamic_shapes = (tuple({d: auto for d in _dynamic_dims(t)} or None for t in flat),)
+        export_flat = _widened(flat, wrapper)
 
     staging = _Staging(final)
     opt_staging = None
@@ -767,7 +818,7 @@ def export_onnx(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(
-                    wrapper, tuple(flat), dynamo=True, dynamic_shapes=dynamic_shapes,
+                    wrapper, tuple(export_flat), dynamo=True, dynamic_shapes=dynamic_shapes,
                     input_names=names, output_names=output_names, opset_version=opset_version,
                     verbose=False, optimize=True,
                 )
@@ -811,7 +862,7 @@ def export_onnx(
             ex_diff = _max_diff(sess, names, flat, ref_example)
             fresh_diff = opt_diff = None
             verify_shapes: dict[str, list[int]] = {}
-            for cand in _candidate_inputs(flat, sym, seed):
+            for cand in _candidate_inputs(export_flat, sym, seed):  # sizes the export did not see
                 try:
                     ref = wrapper(*cand)
                 except Exception:
@@ -840,8 +891,11 @@ def export_onnx(
 
         # zeros and patterns
         params = _pruned_params(model)
-        checks = _check_zeros("export", params, _initializers(staging.path), prefix, patterns)
-        checks += _check_zeros("optimized", params, _initializers(opt_file), prefix, patterns)
+        layouts = onnx_layout.param_layouts(model)
+        checks = _check_zeros("export", params, _initializers(staging.path), prefix, patterns, layouts,
+                              onnx_layout.graph_layouts(staging.path) if patterns is not None else None)
+        checks += _check_zeros("optimized", params, _initializers(opt_file), prefix, patterns, layouts,
+                               onnx_layout.graph_layouts(opt_file) if patterns is not None else None)
 
         report = OnnxReport(
             path=str(final), size_bytes=_file_size(staging.path),
@@ -850,7 +904,7 @@ def export_onnx(
             optimized_size_bytes=_file_size(opt_file) if opt_final is not None else None,
             optimized_max_abs_diff=opt_diff, optimization_level=optimization_level,
             input_names=names, output_names=output_names,
-            export_shapes={n: list(t.shape) for n, t in zip(names, flat)},
+            export_shapes={n: list(t.shape) for n, t in zip(names, export_flat)},
             verify_shapes=verify_shapes, dynamic_dims=dyn_report, checks=checks,
             providers=providers, available_providers=list(ort.get_available_providers()), atol=atol,
             rtol=rtol, output_scale=scale,

@@ -33,7 +33,7 @@ from .passes.prune import SiteResult, prune_group, to_matrix
 from .passes.runner import GraphRunner
 from .passes.sequential import sequential_prune
 from .passes.unsupported import unsupported_weights
-from .report import SiteReport, SparsityReport
+from .report import SiteReport, SparsityReport, layout_name
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,8 @@ def sparsify(
             write_weights(model, {name: r.weight for name, r in results.items()})
     finally:
         model.train(was_training)
-    report.sites = [SiteReport(r.name, r.pattern, r.sparsity, r.rel_error, s.params, r.seconds, r.note)
+    report.sites = [SiteReport(r.name, r.pattern, r.sparsity, r.rel_error, s.params, r.seconds, r.note,
+                               layout=layout_name(s.transposed))
                     for s in sites for r in [results[s.name]]]
     timings["total"] = time.perf_counter() - t0
     report.timings = timings

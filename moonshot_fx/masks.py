@@ -90,18 +90,32 @@ def as_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1) if weight.dim() != 2 else weight
 
 
-def pattern_violations(weight: torch.Tensor, pattern: PatternLike) -> list[str]:
-    """Human-readable reasons ``weight`` does not satisfy ``pattern`` (empty list if it does)."""
+def pattern_violations(weight: torch.Tensor, pattern: PatternLike, transposed: bool = False) -> list[str]:
+    """Human-readable reasons ``weight`` does not satisfy ``pattern`` (empty list if it does).
+
+    N:M groups run along the *input* dimension, the one the layer reduces over: dimension 1 of
+    an ``(out, in)`` weight (``nn.Linear``; conv kernels on their ``(out, in·kh·kw)`` view), or,
+    with ``transposed=True``, dimension 0 of a weight stored ``(in, out)`` (Hugging Face
+    ``Conv1D`` as in GPT-2, a bare ``x @ W``). A report's ``SiteReport.layout == "in_out"``
+    means ``transposed=True``.
+    """
     pat = parse_pattern(pattern)
-    w = as_matrix(weight.detach())
+    w = weight.detach()
+    if transposed:
+        if w.dim() != 2:
+            raise PatternError(f"transposed=True needs a 2-D (in, out) weight, got shape {tuple(w.shape)}")
+        w = w.T
+    w = as_matrix(w)
+    where = "dim 0 of the (in, out) weight" if transposed else "dim 1 of the (out, in) weight"
     problems: list[str] = []
     if pat.is_nm:
         if w.shape[1] % pat.m:
-            return [f"in_features {w.shape[1]} is not a multiple of {pat.m}"]
+            return [f"in_features {w.shape[1]} ({where}) is not a multiple of {pat.m}"]
         nnz = (w.reshape(w.shape[0], -1, pat.m) != 0).sum(dim=2)
         bad = int((nnz > pat.n).sum())
         if bad:
-            problems.append(f"{bad} groups of {pat.m} have more than {pat.n} non-zeros")
+            problems.append(f"{bad} groups of {pat.m} along the input dimension ({where}) "
+                            f"have more than {pat.n} non-zeros")
     else:
         need = int(round(pat.sparsity * w.numel()))
         zeros = int((w == 0).sum())
@@ -110,13 +124,15 @@ def pattern_violations(weight: torch.Tensor, pattern: PatternLike) -> list[str]:
     return problems
 
 
-def check_pattern(weight: torch.Tensor, pattern: PatternLike) -> bool:
+def check_pattern(weight: torch.Tensor, pattern: PatternLike, transposed: bool = False) -> bool:
     """True when ``weight`` satisfies ``pattern`` exactly (N:M groups, or at least the zero count).
 
-    Conv weights are checked on their ``(out, in·kh·kw)`` view; see :func:`pattern_violations`
-    for the reasons when it returns False.
+    N:M groups run along the input dimension: dimension 1 of an ``(out, in)`` weight (conv
+    weights on their ``(out, in·kh·kw)`` view), or dimension 0 with ``transposed=True`` for a
+    weight stored ``(in, out)`` (GPT-2's ``Conv1D``, ``x @ W``; ``SiteReport.layout == "in_out"``).
+    See :func:`pattern_violations` for the reasons when it returns False.
     """
-    return not pattern_violations(weight, pattern)
+    return not pattern_violations(weight, pattern, transposed=transposed)
 
 
 __all__ = ["Pattern", "check_pattern", "nm_mask", "pattern_violations", "quotas", "row_mask", "select_mask"]

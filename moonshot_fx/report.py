@@ -6,6 +6,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+OUT_IN = "out_in"
+IN_OUT = "in_out"
+
+
+def layout_name(transposed: bool) -> str:
+    """``"in_out"`` for a weight stored ``(in, out)`` (a site's ``transposed``), else ``"out_in"``."""
+    return IN_OUT if transposed else OUT_IN
+
+
 @dataclass
 class SiteReport:
     """One pruned weight.
@@ -24,6 +33,15 @@ class SiteReport:
     #: how the site was handled when it differs from the method (e.g. a mixture-of-experts slice
     #: that no calibration token reached: ``"… pruned by magnitude"``); empty otherwise
     note: str = ""
+    #: how the weight is stored: ``"out_in"`` (``nn.Linear``; conv kernels as ``(out, in·k…)``) or
+    #: ``"in_out"`` (HF ``Conv1D``, a bare ``x @ W``). N:M groups run along the input dimension, so
+    #: check an ``"in_out"`` weight with ``check_pattern(w, pattern, transposed=True)``
+    layout: str = "out_in"
+
+    @property
+    def transposed(self) -> bool:
+        """True when the weight is stored ``(in, out)`` (the ``transposed=`` of :func:`check_pattern`)."""
+        return self.layout == IN_OUT
 
 
 @dataclass
@@ -67,9 +85,10 @@ class SparsityReport:
 
     def to_markdown(self) -> str:
         """A markdown table, one row per site."""
-        lines = ["| site | pattern | sparsity | rel. error | seconds |", "|---|---|---|---|---|"]
+        lines = ["| site | layout | pattern | sparsity | rel. error | seconds |", "|---|---|---|---|---|---|"]
         for s in self.sites:
-            lines.append(f"| {s.name} | {s.pattern} | {s.sparsity:.3f} | {s.rel_error:.4f} | {s.seconds:.2f} |")
+            lines.append(f"| {s.name} | {s.layout} | {s.pattern} | {s.sparsity:.3f} | {s.rel_error:.4f} "
+                         f"| {s.seconds:.2f} |")
         return "\n".join(lines)
 
     def __str__(self) -> str:

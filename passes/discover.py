@@ -85,7 +85,7 @@ class Site:
         """A JSON-friendly summary (the `inspect` table row)."""
         row = {"name": self.name, "kind": self.kind, "shape": list(self.shape), "params": self.params,
                "group": self.group, "aliases": list(self.aliases), "head": self.is_head,
-               "skipped": self.skipped}
+               "skipped": self.skipped, "layout": "in_out" if self.transposed else "out_in"}
         if self.slice_index is not None:
             row["slice"] = self.slice_index
         return row

@@ -107,7 +107,7 @@ def test_llama_inspect_table(llama: Any) -> None:
     q = by_name["model.layers.0.self_attn.q_proj.weight"]
     assert q == {"name": "model.layers.0.self_attn.q_proj.weight", "kind": "linear", "shape": [16, 16],
                  "params": 256, "group": q["group"], "aliases": ["model.layers.0.self_attn.q_proj.weight"],
-                 "head": False, "skipped": "", "selected": True, "reason": ""}
+                 "head": False, "skipped": "", "layout": "out_in", "selected": True, "reason": ""}
     assert "kept dense by default" in emb["reason"] and "'*embed*'" in emb["reason"]
     assert by_name["model.layers.0.self_attn.v_proj.weight"]["group"] == q["group"]
     # a config is honoured; one that selects nothing gives an all-False table instead of raising

@@ -20,7 +20,7 @@ def _load(name):
 def test_prune_llm_example(capsys):
     model = _load("prune_llm").main(["--model", "stories260k", "--windows", "4", "--seqlen", "64", "--eval-windows", "2"])
     assert "MOONSHOT 2:4" in capsys.readouterr().out
-    assert all(moonshot_fx.check_pattern(model.get_parameter(s.name), "2:4") for s in model.moonshot_report.sites)
+    assert all(moonshot_fx.check_pattern(model.get_parameter(s.name), "2:4", transposed=s.transposed) for s in model.moonshot_report.sites)
 
 
 def test_prune_cnn_example(capsys):

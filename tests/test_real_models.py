@@ -31,7 +31,7 @@ def test_stories260k_quality_ordering(stories, pattern):
         # unstructured mask before any weight update, so use blocks of 32 (as for d = 256+ layers).
         moonshot_fx.sparsify(model, calibration=calib, sparsity=pattern, method=method, blocksize=32, progress=False)
         for site in model.moonshot_report.sites:
-            assert check_pattern(model.get_parameter(site.name), pattern)
+            assert check_pattern(model.get_parameter(site.name), pattern, transposed=site.transposed)
         ppl[method] = data.perplexity(model, evals)
     model.load_state_dict(dense)
     assert ppl["sparsegpt"] < ppl["wanda"] < ppl["magnitude"], ppl
