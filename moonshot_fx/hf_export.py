@@ -75,6 +75,9 @@ def save_hf_directory(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLi
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
         params = inspect.signature(model.save_pretrained).parameters
         kw = {"safe_serialization": True} if "safe_serialization" in params else {}
         model.save_pretrained(tmp, **kw)
