@@ -905,7 +905,9 @@ _MODELS = ("resnet20", "resnet56", "stories260k", "smollm2")
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``export`` subcommand's arguments to ``parser``."""
-    parser.add_argument("--model", required=True, choices=_MODELS, help="architecture to build")
+    parser.add_argument("--model", required=True, type=_model_arg,
+                        help=f"a bundled model ({', '.join(_MODELS)}), a Hugging Face model directory, a .gguf "
+                             "file, or timm:NAME / torchvision:NAME (then --checkpoint FILE)")
     parser.add_argument("--checkpoint", help="torch state_dict (e.g. a pruned model) loaded with weights_only=True")
     parser.add_argument("--out", required=True, help="destination .onnx file")
     parser.add_argument("--optimized-out", default=None, help="also save ORT's optimised model here")
@@ -915,9 +917,28 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
+def _model_arg(text: str) -> str:
+    """argparse ``type`` of ``--model``: a bundled name, or a form of :mod:`moonshot_fx.user_models`
+    (checked when loading); a bare unknown word is a usage error."""
+    if text in _MODELS or ":" in text or os.sep in text or "." in text or Path(text).exists():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a bundled model ({', '.join(_MODELS)}) nor an existing path")
+
+
+def _load_user_model(text: str) -> tuple[nn.Module, Any]:
+    """The user's model (an HF directory / .gguf file with its weights; timm / torchvision: the
+    architecture, whose --checkpoint export_main loads) and a random example input."""
+    from moonshot_fx.user_models import example_inputs, load_user_model, parse_model_arg
+
+    user = load_user_model(parse_model_arg(text), need_tokenizer=False, require_checkpoint=False)
+    return user.model, example_inputs(user)
+
+
 def _load_cli_model(name: str, pretrained: bool = True) -> tuple[nn.Module, Any]:
     """The model ``name`` (pretrained weights; for ResNets only the architecture when
     ``pretrained`` is False, as a checkpoint will overwrite it) and an example input."""
+    if name not in _MODELS:
+        return _load_user_model(name)
     try:
         from moonshot_fx import data
     except ImportError as e:  # pragma: no cover - data ships with the package
