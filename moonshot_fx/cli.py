@@ -163,14 +163,16 @@ def _load_user(name: str, args: argparse.Namespace, need_text: bool) -> Loaded:
                            num_classes=getattr(args, "num_classes", None))
     log.info("loaded %s in %.1fs", name, time.perf_counter() - t0)
     out = Loaded(name, user.model, user.tokenizer, user=user)
+    given = {k for k in ("seqlen", "eval_seqlen") if getattr(args, k, None) is not None}
     _apply_defaults(args, user)
     if not (user.uses_text and need_text):
         return out
     limit = user.max_positions
     for key in ("seqlen", "eval_seqlen"):
-        if limit is not None and getattr(args, key, 0) and getattr(args, key) > limit:
-            print(f"note: --{key.replace('_', '-')} {getattr(args, key)} is longer than the model's "
-                  f"{limit} positions; using {limit}")
+        if limit is not None and getattr(args, key) > limit:
+            if key in given:
+                print(f"note: --{key.replace('_', '-')} {getattr(args, key)} is longer than the model's "
+                      f"{limit} positions; using {limit}")
             setattr(args, key, limit)
     calib = getattr(args, "calibration", None)
     data = _data()
