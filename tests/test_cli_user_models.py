@@ -174,8 +174,113 @@ def test_failure_leaves_no_outdir(tmp_path: Path, capsys: pytest.CaptureFixture[
                    "--out", str(outdir)])
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert ("DataFileError" in err and "fewer than one window of 32" in err) if problem == "text" else "Error" in err
+    if problem == "text":
+        assert "DataFileError" in err and "fewer than one window of 32" in err
+    else:
+        assert "NoPrunableSitesError" in err and "multiple of 3" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "tiny-llama"]  # no OUTDIR, no temp dir
+
+
+def test_save_hf_directory_strips_sparsity_config_and_is_atomic(tmp_path: Path) -> None:
+    from moonshot_fx.hf_export import save_hf_directory
+
+    src = _llama_dir(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    model.config.sparsity_config = {"format": "dense", "sparsity_structure": "2:4"}
+    dest = save_hf_directory(model, tok, tmp_path / "a" / "out", {"sites": []}, extra={"command": "x"})
+    config = json.loads((dest / "config.json").read_text())
+    assert "sparsity_config" not in config and config["model_type"] == "llama"
+    assert model.config.sparsity_config  # the in-memory config is left as it was
+    assert json.loads((dest / "moonshot_report.json").read_text()) == {"sites": [], "command": "x"}
+    assert oct(dest.stat().st_mode & 0o777) != oct(0o700)  # an ordinary directory, not mkdtemp's private one
+
+    class BrokenTokenizer:
+        def save_pretrained(self, path: Any) -> None:
+            (Path(path) / "tokenizer.json").write_text("{")
+            raise OSError("disk full")
+
+    before = _hashes(dest)
+    with pytest.raises(OSError, match="disk full"):  # a failure while replacing keeps the old directory
+        save_hf_directory(model, BrokenTokenizer(), dest, None, overwrite=True)
+    assert _hashes(dest) == before
+    with pytest.raises(OSError, match="disk full"):  # and a failure on a new one leaves nothing
+        save_hf_directory(model, BrokenTokenizer(), tmp_path / "a" / "new", None)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["out"]
+    with pytest.raises(moonshot_fx.SaveError, match="already exists"):
+        save_hf_directory(model, tok, dest, None)
+
+
+def _write_gguf(src: Path, dest: Path) -> None:
+    """The tiny Llama of ``src`` as a float32 GGUF file (llama.cpp's tensor names and q/k row order)
+    with a SentencePiece-style vocabulary, written with the `gguf` package."""
+    gguf = pytest.importorskip("gguf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(src)
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    c = model.config
+    w = gguf.GGUFWriter(str(dest), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    # SentencePiece-style BPE pieces: every character and every prefix of "▁word" (the GGUF
+    # converter derives merges from pieces), longer pieces scored higher
+    pieces = {ch for word in WORDS for ch in word + "."} | {("\u2581" + w)[:k] for w in WORDS + [".", ""]
+                                                          for k in range(1, len(w) + 2)}
+    vocab = ["[UNK]", "<s>", "</s>"] + sorted(pieces, key=lambda t: (len(t), t))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(vocab)
+    w.add_token_scores([0.0, 0.0, 0.0] + [float(-i) for i in range(len(vocab) - 3)][::-1])
+    w.add_token_types([2, 3, 3] + [1] * (len(vocab) - 3))
+    w.add_vocab_size(len(vocab))
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    def rope_rows(x: np.ndarray, heads: int) -> np.ndarray:  # HF rotate-half rows -> llama.cpp interleaved
+        return x.reshape(heads, x.shape[0] // heads // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng(0)  # embeddings and head for this vocabulary
+    w.add_tensor("token_embd.weight", rng.normal(0, 0.02, (len(vocab), c.hidden_size)).astype(np.float32))
+    w.add_tensor("output.weight", rng.normal(0, 0.02, (len(vocab), c.hidden_size)).astype(np.float32))
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for hf, cpp in names.items():
+            w.add_tensor(f"blk.{i}.{cpp}.weight", sd[f"{p}{hf}.weight"])
+        w.add_tensor(f"blk.{i}.attn_q.weight", rope_rows(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", rope_rows(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_prune_gguf_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("accelerate")
+    src = _llama_dir(tmp_path)
+    gguf_file = tmp_path / "tiny.gguf"
+    _write_gguf(src, gguf_file)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(_corpus(), encoding="utf-8")
+    outdir = tmp_path / "from-gguf"
+    out = _run(capsys, "prune", "--model", str(gguf_file), "--calibration", str(calib), *LM_ARGS,
+               "--out", str(outdir), "--eval", "--text", str(calib), "--eval-windows", "2", "--eval-seqlen", "32")
+    assert "pruned: 14 layers to 2:4" in out and math.isfinite(_ppl(out, "pruned perplexity"))
+    config = json.loads((outdir / "config.json").read_text())
+    assert "quantization_config" not in config and "sparsity_config" not in config
+    model = transformers.AutoModelForCausalLM.from_pretrained(outdir)  # no gguf_file: plain safetensors
+    for i in range(2):
+        assert moonshot_fx.check_pattern(model.model.layers[i].self_attn.q_proj.weight, "2:4")
+    assert transformers.AutoTokenizer.from_pretrained(outdir)("the cat")["input_ids"]  # its tokenizer was saved
 
 
 def test_vision_model_with_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
