@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 
 from .api import NM_SKIP_MARK
-from .config import METHODS, BASES, SparsifyConfig, parse_pattern
+from .config import BASES, METHODS, SparsifyConfig, parse_pattern
 from .errors import ConfigError, MoonshotError, PatternWarning
 from .user_models import FORMS_HELP, UserModel, load_user_model, parse_model_arg
 
@@ -181,9 +181,9 @@ def _load_user(name: str, args: argparse.Namespace, need_text: bool) -> Loaded:
         out.calib_corpus = str(calib) if calib else "wikitext2 valid"
         out.calib_ids = token_stream(user.tokenizer, text, source=out.calib_corpus, need=args.seqlen)
     if user.is_causal_lm and (args.command == "eval" or getattr(args, "eval", False)):
-        given = getattr(args, "text", None)
-        text = read_text_file(given) if given else data.load_text("wikitext2_test")
-        out.eval_corpus = str(given) if given else "wikitext2 test"
+        text_file = getattr(args, "text", None)
+        text = read_text_file(text_file) if text_file else data.load_text("wikitext2_test")
+        out.eval_corpus = str(text_file) if text_file else "wikitext2 test"
         out.eval_ids = token_stream(user.tokenizer, text, source=out.eval_corpus, need=args.eval_seqlen)
     return out
 

@@ -78,9 +78,10 @@ def save_hf_directory(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLi
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
-        params = inspect.signature(model.save_pretrained).parameters
+        save = getattr(model, "save_pretrained")
+        params = inspect.signature(save).parameters
         kw = {"safe_serialization": True} if "safe_serialization" in params else {}
-        model.save_pretrained(tmp, **kw)
+        save(tmp, **kw)
         _strip_config(tmp / "config.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

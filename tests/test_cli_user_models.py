@@ -216,7 +216,6 @@ def _write_gguf(src: Path, dest: Path) -> None:
     with a SentencePiece-style vocabulary, written with the `gguf` package."""
     gguf = pytest.importorskip("gguf")
     model = transformers.AutoModelForCausalLM.from_pretrained(src)
-    tok = transformers.AutoTokenizer.from_pretrained(src)
     c = model.config
     w = gguf.GGUFWriter(str(dest), "llama")
     w.add_context_length(c.max_position_embeddings)
