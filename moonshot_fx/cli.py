@@ -167,6 +167,9 @@ def _load_user(name: str, args: argparse.Namespace, need_text: bool) -> Loaded:
     _apply_defaults(args, user)
     if not (user.uses_text and need_text):
         return out
+    if (args.command == "eval" or getattr(args, "eval", False)) and not user.is_causal_lm:
+        raise ConfigError(f"{name} is a {type(user.model).__name__}, not a causal LM: perplexity does not apply "
+                          f"(prune it without --eval, and evaluate it on your task with the API).")
     limit = user.max_positions
     for key in ("seqlen", "eval_seqlen"):
         if limit is not None and getattr(args, key) > limit:

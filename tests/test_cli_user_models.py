@@ -282,6 +282,29 @@ def test_prune_gguf_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert transformers.AutoTokenizer.from_pretrained(outdir)("the cat")["input_ids"]  # its tokenizer was saved
 
 
+def test_hf_classifier_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A non-causal HF directory loads as the class its config names and saves back as one;
+    perplexity is refused for it."""
+    tok = _tokenizer(_corpus())
+    cfg = transformers.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  vocab_size=len(tok), max_position_embeddings=64, num_labels=3)
+    torch.manual_seed(0)
+    src = tmp_path / "bert"
+    transformers.BertForSequenceClassification(cfg).save_pretrained(src)
+    tok.save_pretrained(src)
+    calib = tmp_path / "c.txt"
+    calib.write_text(_corpus(), encoding="utf-8")
+    err = _fails(capsys, "prune", "--model", str(src), "--calibration", str(calib), "--eval")
+    assert "ConfigError" in err and "not a causal LM" in err
+    outdir = tmp_path / "bert-2of4"
+    _run(capsys, "prune", "--model", str(src), "--calibration", str(calib), *LM_ARGS, "--out", str(outdir))
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(outdir)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert moonshot_fx.check_pattern(model.bert.encoder.layer[1].output.dense.weight, "2:4")
+    assert torch.equal(model.classifier.weight,
+                       transformers.AutoModelForSequenceClassification.from_pretrained(src).classifier.weight)
+
+
 def test_vision_model_with_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
