@@ -959,14 +959,35 @@ _MODELS = ("resnet20", "resnet56", "stories260k", "smollm2")
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``export`` subcommand's arguments to ``parser``."""
-    parser.add_argument("--model", required=True, choices=_MODELS, help="architecture to build")
+    parser.add_argument("--model", required=True, type=_model_arg,
+                        help=f"a bundled model ({', '.join(_MODELS)}), a Hugging Face model directory, a .gguf "
+                             "file, or timm:NAME / torchvision:NAME (then --checkpoint FILE)")
     parser.add_argument("--checkpoint", help="torch state_dict (e.g. a pruned model) loaded with weights_only=True")
+    parser.add_argument("--num-classes", type=int, default=None, help="timm/torchvision: classifier size of --checkpoint")
     parser.add_argument("--out", required=True, help="destination .onnx file")
     parser.add_argument("--optimized-out", default=None, help="also save ORT's optimised model here")
     parser.add_argument("--pattern", default=None, help="check this pattern (e.g. 2:4) on pruned weights")
     parser.add_argument("--tensorrt-config", default=None, help="write TensorRT EP options (sparsity on) here")
     parser.add_argument("--no-verify", action="store_true", help="report but do not fail on verification")
     return parser
+
+
+def _model_arg(text: str) -> str:
+    """argparse ``type`` of ``--model``: a bundled name, or a form of :mod:`moonshot_fx.user_models`
+    (checked when loading); a bare unknown word is a usage error."""
+    if text in _MODELS or ":" in text or os.sep in text or "." in text or Path(text).exists():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a bundled model ({', '.join(_MODELS)}) nor an existing path")
+
+
+def _load_user_model(text: str, num_classes: int | None = None) -> tuple[nn.Module, Any]:
+    """The user's model (an HF directory / .gguf file with its weights; timm / torchvision: the
+    architecture, whose --checkpoint export_main loads) and a random example input."""
+    from moonshot_fx.user_models import example_inputs, load_user_model, parse_model_arg
+
+    user = load_user_model(parse_model_arg(text), need_tokenizer=False, require_checkpoint=False,
+                           num_classes=num_classes)
+    return user.model, example_inputs(user)
 
 
 def _load_cli_model(name: str, pretrained: bool = True) -> tuple[nn.Module, Any]:
@@ -999,7 +1020,10 @@ def export_main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         parser = add_export_arguments(argparse.ArgumentParser(prog="moonshot-fx export"))
         args = parser.parse_args(None if args is None else list(args))
     checkpoint = getattr(args, "checkpoint", None)
-    model, example = _load_cli_model(args.model, pretrained=not checkpoint)
+    if args.model in _MODELS:
+        model, example = _load_cli_model(args.model, pretrained=not checkpoint)
+    else:
+        model, example = _load_user_model(args.model, getattr(args, "num_classes", None))
     if checkpoint:
         sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):

@@ -17,6 +17,7 @@ from .errors import (
     BackendUnavailableError, CalibrationError, ConfigError, LinalgError, LossError, MetaDeviceError,
     MoonshotError, NoPrunableSitesError, PatternError, TraceError,
 )
+from .errors import DataFileError, ModelLoadError, SaveError
 from .masks import check_pattern
 from .pruners import prune_layer, reconstruction_error
 
@@ -29,6 +30,7 @@ _LAZY = {
     "backend": ("moonshot_fx.backends.compile", "backend"),
     "to_semi_structured": ("moonshot_fx.backends.semi_structured", "to_semi_structured"),
     "export_onnx": ("moonshot_fx.backends.onnx", "export_onnx"),
+    "save_hf_directory": ("moonshot_fx.hf_export", "save_hf_directory"),
 }
 
 
@@ -44,5 +46,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BackendUnavailableError", "CalibrationError", "ConfigError", "LinalgError", "LossError", "MetaDeviceError", "MoonshotError",
     "NoPrunableSitesError", "Pattern", "PatternError", "SparsifyConfig", "TraceError",
+    "DataFileError", "ModelLoadError", "SaveError",
     "check_pattern", "parse_pattern", "prune_layer", "reconstruction_error", *_LAZY,
 ]

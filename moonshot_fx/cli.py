@@ -1,4 +1,4 @@
-"""``moonshot-fx`` command line: prune, evaluate and export the bundled models.
+"""``moonshot-fx`` command line: prune, evaluate and export the bundled models or your own.
 
 Examples::
 
@@ -7,7 +7,28 @@ Examples::
     moonshot-fx eval --model stories260k --checkpoint pruned.pt
     moonshot-fx export --model stories260k --checkpoint pruned.pt --out pruned.onnx --pattern 2:4
 
-Models and data (all local, see :mod:`moonshot_fx.data`):
+    moonshot-fx prune --model ./my-llama --calibration notes.txt --sparsity 2:4 --method sparsegpt --out ./my-llama-2of4
+    moonshot-fx eval --model ./my-llama-2of4 --text held-out.jsonl
+    moonshot-fx prune --model timm:resnet18 --checkpoint r18.pt --calibration images.npz --out r18-2of4.pt
+
+Your own model (``--model``, see :mod:`moonshot_fx.user_models`; nothing is ever downloaded):
+
+* a Hugging Face model directory (``config.json`` + safetensors or ``pytorch_model.bin``) with its
+  tokenizer (or ``--tokenizer PATH``); a ``.gguf`` file (dequantized by transformers' GGUF reader);
+* ``timm:NAME`` / ``torchvision:NAME`` with ``--checkpoint FILE`` (its state_dict; the
+  architecture is built with random weights first).
+
+``--calibration FILE`` is plain text or JSON Lines with a ``text`` field (default: the bundled
+WikiText-2 validation text), tokenized and sampled into ``--calib-windows`` x ``--seqlen`` windows;
+for timm/torchvision models it is a ``.npz``/``.pt`` of images (a model with 3x32x32 inputs may use
+the bundled CIFAR-10 calibration images instead; see :mod:`moonshot_fx.user_data`). ``--text FILE``
+is the perplexity text of ``eval`` and ``prune --eval`` (default: the WikiText-2 raw test text).
+For a transformers model ``--out DIR`` writes a Hugging Face directory (:mod:`moonshot_fx.hf_export`:
+config, tokenizer, dense safetensors with the zeros, no ``sparsity_config``, ``moonshot_report.json``;
+atomic; an existing DIR needs ``--overwrite``); an ``--out`` ending in .pt/.pth, and the ``--out`` of
+every other model, is a state_dict file.
+
+Bundled models and data (all local, see :mod:`moonshot_fx.data`):
 
 * ``stories260k`` — llama2.c's 260K TinyStories model. The bundled TinyStories sample is split in
   two halves: calibration windows are drawn from the first, perplexity is measured on the second.
@@ -26,6 +47,7 @@ import argparse
 import logging
 import math
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -38,8 +60,9 @@ import torch
 import torch.nn as nn
 
 from .api import NM_SKIP_MARK
-from .config import METHODS, BASES, SparsifyConfig, parse_pattern
-from .errors import MoonshotError, PatternWarning
+from .config import BASES, METHODS, SparsifyConfig, parse_pattern
+from .errors import ConfigError, MoonshotError, PatternWarning
+from .user_models import FORMS_HELP, UserModel, load_user_model, parse_model_arg
 
 log = logging.getLogger("moonshot_fx.cli")
 
@@ -52,6 +75,9 @@ LM_DEFAULTS: dict[str, dict[str, int]] = {
     "smollm2": {"calib_windows": 32, "seqlen": 512, "eval_windows": 16, "eval_seqlen": 512, "batch_size": 4},
 }
 VISION_DEFAULTS = {"calib_images": 256, "eval_images": 10000, "batch_size": 64}
+#: defaults for the user's own transformers models (seqlen clipped to the model's positions)
+USER_LM_DEFAULTS = {"calib_windows": 32, "seqlen": 512, "eval_windows": 16, "eval_seqlen": 512, "batch_size": 4}
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin")
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -67,10 +93,17 @@ class Loaded:
     calib_ids: torch.Tensor | None = None  # LM: token stream for calibration windows
     eval_ids: torch.Tensor | None = None  # LM: token stream for perplexity
     eval_corpus: str = ""
+    calib_corpus: str = ""
+    user: UserModel | None = None  # the user's own model (None: a bundled one)
 
     @property
     def is_lm(self) -> bool:
-        return self.name in LM_MODELS
+        """Calibrated on token windows."""
+        return self.name in LM_MODELS or (self.user is not None and self.user.uses_text)
+
+    @property
+    def has_perplexity(self) -> bool:
+        return self.name in LM_MODELS or (self.user is not None and self.user.is_causal_lm)
 
 
 def _data() -> Any:
@@ -81,8 +114,20 @@ def _data() -> Any:
     return data
 
 
-def load_model(name: str, *, need_text: bool = True) -> Loaded:
-    """Load ``name`` (one of :data:`MODELS`) and, for LMs, its calibration/evaluation token streams."""
+def _model_arg(text: str) -> str:
+    """argparse ``type`` of ``--model``: a bundled name passes; a bare word that is no file fails here
+    (usage error); paths and ``timm:``/``torchvision:`` names are checked when loading."""
+    if text in MODELS or ":" in text or os.sep in text or "." in text or Path(text).exists():
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a bundled model ({', '.join(MODELS)}) nor an existing "
+                                     f"path; --model takes a bundled name, {FORMS_HELP}")
+
+
+def load_model(name: str, *, need_text: bool = True, args: argparse.Namespace | None = None) -> Loaded:
+    """Load ``name`` (one of :data:`MODELS`, or a user model form of :mod:`moonshot_fx.user_models`
+    configured by ``args``) and, for LMs, its calibration/evaluation token streams."""
+    if name not in MODELS:
+        return _load_user(name, args if args is not None else argparse.Namespace(), need_text)
     data = _data()
     t0 = time.perf_counter()
     if name == "stories260k":
@@ -107,6 +152,45 @@ def load_model(name: str, *, need_text: bool = True) -> Loaded:
     return out
 
 
+def _load_user(name: str, args: argparse.Namespace, need_text: bool) -> Loaded:
+    """The user's model (``--model PATH|timm:NAME|torchvision:NAME``) and its text streams."""
+    from .user_data import read_text_file, token_stream
+
+    t0 = time.perf_counter()
+    source = parse_model_arg(name)
+    user = load_user_model(source, tokenizer=getattr(args, "tokenizer", None),
+                           checkpoint=getattr(args, "checkpoint", None), need_tokenizer=need_text,
+                           num_classes=getattr(args, "num_classes", None))
+    log.info("loaded %s in %.1fs", name, time.perf_counter() - t0)
+    out = Loaded(name, user.model, user.tokenizer, user=user)
+    given = {k for k in ("seqlen", "eval_seqlen") if getattr(args, k, None) is not None}
+    _apply_defaults(args, user)
+    if not (user.uses_text and need_text):
+        return out
+    if (args.command == "eval" or getattr(args, "eval", False)) and not user.is_causal_lm:
+        raise ConfigError(f"{name} is a {type(user.model).__name__}, not a causal LM: perplexity does not apply "
+                          f"(prune it without --eval, and evaluate it on your task with the API).")
+    limit = user.max_positions
+    for key in ("seqlen", "eval_seqlen"):
+        if limit is not None and getattr(args, key) > limit:
+            if key in given:
+                print(f"note: --{key.replace('_', '-')} {getattr(args, key)} is longer than the model's "
+                      f"{limit} positions; using {limit}")
+            setattr(args, key, limit)
+    calib = getattr(args, "calibration", None)
+    data = _data()
+    if getattr(args, "command", "") == "prune":
+        text = read_text_file(calib) if calib else data.load_text("wikitext2_valid")
+        out.calib_corpus = str(calib) if calib else "wikitext2 valid"
+        out.calib_ids = token_stream(user.tokenizer, text, source=out.calib_corpus, need=args.seqlen)
+    if user.is_causal_lm and (args.command == "eval" or getattr(args, "eval", False)):
+        text_file = getattr(args, "text", None)
+        text = read_text_file(text_file) if text_file else data.load_text("wikitext2_test")
+        out.eval_corpus = str(text_file) if text_file else "wikitext2 test"
+        out.eval_ids = token_stream(user.tokenizer, text, source=out.eval_corpus, need=args.eval_seqlen)
+    return out
+
+
 def _even_chunks(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Split ``x`` along dim 0 into equal chunks of at most ``batch_size`` (one shape for tracing)."""
     n = x.shape[0]
@@ -122,17 +206,39 @@ def calibration_batches(loaded: Loaded, args: argparse.Namespace) -> tuple[list[
         seqlen = min(args.seqlen, loaded.calib_ids.numel())
         windows = data.calibration_windows(loaded.calib_ids, args.calib_windows, seqlen, seed=args.seed)
         batches = [{"input_ids": w} for w in _even_chunks(windows, args.batch_size)]
-        where = "tinystories, 1st half" if loaded.name == "stories260k" else "wikitext2 valid"
+        where = loaded.calib_corpus or ("tinystories, 1st half" if loaded.name == "stories260k" else "wikitext2 valid")
         return batches, f"{args.calib_windows} windows x {seqlen} tokens ({where})"
+    if loaded.user is not None:
+        return _user_images(loaded.user, args)
     images, _ = data.load_cifar("calib", n=args.calib_images)
     return _even_chunks(images, args.batch_size), f"{images.shape[0]} CIFAR-10 calibration images"
+
+
+def _user_images(user: UserModel, args: argparse.Namespace) -> tuple[list[Any], str]:
+    """Calibration images of a timm/torchvision model: ``--calibration`` or, for 3x32x32 inputs, CIFAR-10."""
+    from .errors import DataFileError
+    from .user_data import load_calibration_images
+
+    assert user.input_size is not None
+    if args.calibration:
+        images = load_calibration_images(args.calibration, args.calib_images, user.input_size[0], user.mean, user.std)
+        desc = f"{images.shape[0]} images from {args.calibration}"
+    elif tuple(user.input_size) == (3, 32, 32):
+        images, _ = _data().load_cifar("calib", n=args.calib_images)
+        desc = f"{images.shape[0]} CIFAR-10 calibration images"
+    else:
+        c, h, w = user.input_size
+        raise DataFileError(f"{user.source.text} takes {c}x{h}x{w} inputs and the bundled calibration images are "
+                            "3x32x32 CIFAR-10: pass --calibration IMAGES (.npz with an `images` array, N x H x W x 3 "
+                            "uint8 RGB, or N x 3 x H x W float already normalised; or a .pt tensor).")
+    return _even_chunks(images, args.batch_size), desc
 
 
 def evaluate(loaded: Loaded, args: argparse.Namespace) -> tuple[str, float, str]:
     """``(metric name, value, description)``: perplexity for LMs, top-1 (%) for ResNets."""
     data = _data()
     t0 = time.perf_counter()
-    if loaded.is_lm:
+    if loaded.has_perplexity:
         assert loaded.eval_ids is not None
         seqlen = min(args.eval_seqlen, loaded.eval_ids.numel())
         windows = data.eval_windows(loaded.eval_ids, seqlen, n=args.eval_windows or None)
@@ -208,8 +314,50 @@ def _alpha(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"alpha must be a number in [0, 1] or 'auto', got {text!r}") from None
 
 
+def _check_user_args(args: argparse.Namespace) -> Any:
+    """Fail fast, before a slow load, on options that cannot work for a user model; returns its source."""
+    source = parse_model_arg(args.model)
+    wants_eval = args.command == "eval" or getattr(args, "eval", False)
+    if wants_eval and source.kind in ("timm", "torchvision"):
+        raise ConfigError(f"{args.command} {'--eval ' if args.command == 'prune' else ''}measures perplexity of "
+                          f"language models; top-1 of {source.text} needs your own labelled data (use the API).")
+    out = getattr(args, "out", None)
+    if out and source.is_hf and not _is_state_dict_path(out):
+        from .hf_export import check_destination
+
+        check_destination(out, overwrite=getattr(args, "overwrite", False))
+    return source
+
+
+def _is_state_dict_path(out: str) -> bool:
+    return Path(out).suffix.lower() in STATE_DICT_SUFFIXES
+
+
+def _save(loaded: Loaded, args: argparse.Namespace) -> None:
+    """``--out``: a Hugging Face directory for transformers models, else a state_dict file."""
+    if loaded.user is None or not loaded.user.source.is_hf or _is_state_dict_path(args.out):
+        dest = save_state_dict(loaded.model, args.out)
+        print(f"saved state_dict to {dest}")
+        return
+    from .hf_export import save_hf_directory
+
+    user, model = loaded.user, loaded.model
+    dtype = user.source_dtype
+    if dtype in (torch.float16, torch.bfloat16):  # back to the stored dtype: zeros stay zeros
+        model.to(dtype)
+    argv = getattr(args, "argv", None)
+    command = "moonshot-fx " + shlex.join(argv) if argv is not None else ""
+    dest = save_hf_directory(model, user.tokenizer, args.out, model.moonshot_report,  # type: ignore[attr-defined]
+                             extra={"command": command, "source": user.source.text}, overwrite=args.overwrite)
+    where = f" ({str(dtype).replace('torch.', '')})" if dtype in (torch.float16, torch.bfloat16) else ""
+    print(f"saved Hugging Face directory{where} to {dest}")
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
-    _apply_defaults(args)
+    if args.model in MODELS:
+        _apply_defaults(args)
+    else:
+        _check_user_args(args)
     pattern = parse_pattern(args.sparsity)  # PatternError before the (slow) model load
     options: dict[str, Any] = {"base": args.base}
     if args.alpha is not None:
@@ -226,7 +374,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg = SparsifyConfig(sparsity=args.sparsity, method=args.method, exclude=exclude,
                          include=tuple(args.include or ("*",)), **options)
 
-    loaded = load_model(args.model, need_text=True)
+    loaded = load_model(args.model, need_text=True, args=args)
+    if args.checkpoint and loaded.user is None:
+        load_checkpoint(loaded.model, args.checkpoint)
     model = loaded.model
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters)")
     batches, calib_desc = calibration_batches(loaded, args)
@@ -269,16 +419,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
         Path(args.report).write_text(report.to_json(indent=2), encoding="utf-8")
         print(f"report written to {args.report}")
     if args.out:
-        dest = save_state_dict(model, args.out)
-        print(f"saved state_dict to {dest}")
+        _save(loaded, args)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    _apply_defaults(args)
-    loaded = load_model(args.model, need_text=True)
+    if args.model in MODELS:
+        if args.text:
+            raise ConfigError(f"--text is for your own models; {args.model} is evaluated on its bundled text.")
+        _apply_defaults(args)
+    else:
+        _check_user_args(args)
+    loaded = load_model(args.model, need_text=True, args=args)
     if args.checkpoint:
-        load_checkpoint(loaded.model, args.checkpoint)
+        if loaded.user is None:  # a user model loaded it already
+            load_checkpoint(loaded.model, args.checkpoint)
         print(f"checkpoint: {args.checkpoint}")
     sparsity, count = weight_sparsity(loaded.model)
     print(f"model: {args.model}; {100 * sparsity:.1f}% of {count:,} layer weights are zero")
@@ -311,21 +466,39 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
-def _apply_defaults(args: argparse.Namespace) -> None:
-    defaults: dict[str, int] = LM_DEFAULTS[args.model] if args.model in LM_MODELS else VISION_DEFAULTS
+def _apply_defaults(args: argparse.Namespace, user: UserModel | None = None) -> None:
+    if user is not None:
+        defaults: dict[str, int] = USER_LM_DEFAULTS if user.uses_text else VISION_DEFAULTS
+    else:
+        defaults = LM_DEFAULTS[args.model] if args.model in LM_MODELS else VISION_DEFAULTS
     for key, value in {**LM_DEFAULTS["stories260k"], **VISION_DEFAULTS, **defaults}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=_model_arg,
+                   help=f"a bundled model ({', '.join(MODELS)}), {FORMS_HELP}")
+    p.add_argument("--checkpoint", help="state_dict file (torch.load(weights_only=True) or .safetensors) loaded "
+                                        "into the model; required for timm:/torchvision: models")
+    p.add_argument("--tokenizer", metavar="PATH", help="your model's tokenizer (a directory or .gguf file) "
+                                                       "when it is not next to the model")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="timm/torchvision: classifier size of --checkpoint when not the default (1000)")
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
+    g.add_argument("--text", metavar="FILE", help="your LM's perplexity text: plain text or .jsonl with a `text` "
+                                                  "field (default: WikiText-2 raw test)")
     g.add_argument("--eval-windows", type=int, default=None,
-                   help="LMs: evaluate on the first N windows (0 = all; default: stories260k all, smollm2 16)")
-    g.add_argument("--eval-seqlen", type=int, default=None, help="LMs: tokens per evaluation window (default 128 / 512)")
+                   help="LMs: evaluate on the first N windows (0 = all; default: stories260k all, smollm2 and "
+                        "your own 16)")
+    g.add_argument("--eval-seqlen", type=int, default=None, help="LMs: tokens per evaluation window "
+                   "(default 128 stories260k, else 512 or the model's positions)")
     g.add_argument("--eval-images", type=int, default=None, help="ResNets: N test images, a fixed random sample (default: all 10000)")
     g.add_argument("--batch-size", type=int, default=None,
-                   help="windows/images per forward pass (default: 8 stories260k, 4 smollm2, 64 ResNets)")
+                   help="windows/images per forward pass (default: 8 stories260k, 4 other LMs, 64 vision models)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -334,15 +507,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: info, -vv: debug logging")
     sub = parser.add_subparsers(dest="command", metavar="{prune,eval,export}", required=True)
 
-    p = sub.add_parser("prune", help="prune a bundled model one-shot and optionally evaluate/save it")
-    p.add_argument("--model", required=True, choices=MODELS)
+    p = sub.add_parser("prune", help="prune a bundled model or your own one-shot and optionally evaluate/save it")
+    _add_model_args(p)
+    p.add_argument("--calibration", metavar="FILE",
+                   help="your model's calibration data: plain text or .jsonl with a `text` field (default: "
+                        "WikiText-2 validation); timm/torchvision: a .npz/.pt of images")
     p.add_argument("--sparsity", default="2:4", help="fraction in [0, 1) or N:M (default 2:4)")
     p.add_argument("--method", default="sparsegpt", choices=METHODS)
     p.add_argument("--base", default="sparsegpt", choices=BASES, help="base pruner of --method moonshot")
     p.add_argument("--alpha", type=_alpha, default=None, help="MOONSHOT alpha in [0, 1] or 'auto' (default 0.75)")
     p.add_argument("--calib-windows", type=int, default=None, help="LMs: calibration windows (default 32)")
-    p.add_argument("--seqlen", type=int, default=None, help="LMs: tokens per calibration window (default 128 / 512)")
-    p.add_argument("--calib-images", type=int, default=None, help="ResNets: calibration images (a fixed sample of all classes; default 256)")
+    p.add_argument("--seqlen", type=int, default=None, help="LMs: tokens per calibration window "
+                   "(default 128 stories260k, else 512 or the model's positions)")
+    p.add_argument("--calib-images", type=int, default=None, help="vision models: calibration images (CIFAR-10: a fixed sample of all "
+                   "classes; --calibration: the first N; default 256)")
     p.add_argument("--seed", type=int, default=0, help="LMs: seed of the calibration window sampler")
     seq = p.add_mutually_exclusive_group()
     seq.add_argument("--sequential", dest="sequential", action="store_true", default=None,
@@ -364,15 +542,16 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-recalibrate-norms", dest="recalibrate_norms", action="store_false",
                     help="keep the dense model's BatchNorm statistics")
     p.add_argument("--eval", action="store_true", help="print dense and pruned perplexity / top-1")
-    p.add_argument("--out", help="save the pruned state_dict here (atomically)")
+    p.add_argument("--out", help="save the pruned model here (atomically): a Hugging Face directory for "
+                                 "transformers models (unless it ends in .pt/.pth/.bin), else a state_dict file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--report", help="write the sparsity report as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_eval_args(p)
     p.set_defaults(func=cmd_prune)
 
-    e = sub.add_parser("eval", help="evaluate a bundled model, optionally with a pruned checkpoint")
-    e.add_argument("--model", required=True, choices=MODELS)
-    e.add_argument("--checkpoint", help="state_dict file (loaded with torch.load(weights_only=True))")
+    e = sub.add_parser("eval", help="evaluate a bundled model or your own LM, optionally with a pruned checkpoint")
+    _add_model_args(e)
     _add_eval_args(e)
     e.set_defaults(func=cmd_eval)
 
@@ -410,7 +589,9 @@ def _setup_logging(verbosity: int) -> Callable[[], None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 on success)."""
     parser = build_parser()
-    args, extra = parser.parse_known_args(None if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     if extra:
         if args.command == "export" and getattr(args, "export_args", None) is not None:
             args.export_args = list(extra)

@@ -46,5 +46,21 @@ class MetaDeviceError(MoonshotError, ValueError):
     """The model's weights or the inputs are on the ``meta`` device (shapes only, no values)."""
 
 
+class ModelLoadError(MoonshotError, ValueError):
+    """A ``--model`` given by the user could not be loaded: a missing path, a form that is none of
+    the supported ones (Hugging Face directory, ``.gguf`` file, ``timm:NAME`` / ``torchvision:NAME``),
+    a missing tokenizer, an unknown timm/torchvision name, a checkpoint that does not fit."""
+
+
+class DataFileError(CalibrationError):
+    """A user data file (calibration or evaluation text, calibration images) is missing or malformed:
+    e.g. a JSONL line without a ``text`` field, too few tokens for one window, images of the wrong rank."""
+
+
+class SaveError(MoonshotError, OSError):
+    """The pruned model could not be written where asked (the destination exists and ``--overwrite``
+    was not given, or its parent is not writable)."""
+
+
 class PatternWarning(UserWarning):
     """Weights kept dense because their input size does not fit the N:M pattern (``strict=False``)."""
