@@ -20,11 +20,11 @@ routing indices) and shape values do not make a bypass: an embedding lookup's *o
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 #: output keys that never count as the primary prediction
 NOT_PRIMARY_KEYS = ("router_logits",)

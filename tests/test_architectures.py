@@ -19,12 +19,13 @@ from __future__ import annotations
 import fnmatch
 import re
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import moonshot_fx
 

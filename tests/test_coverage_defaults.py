@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from moonshot_fx.passes.losses import default_loss, loss_task
+from torch import nn
 
 import moonshot_fx
 from moonshot_fx.config import DEFAULT_EXCLUDE, SparsifyConfig
 from moonshot_fx.errors import LossError, MetaDeviceError, PatternError, PatternWarning
-from moonshot_fx.passes.losses import default_loss, loss_task
 
 tf = pytest.importorskip("transformers")
 VOCAB = 128
