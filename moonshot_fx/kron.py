@@ -47,7 +47,7 @@ class KronSumInverse:
 
     @classmethod
     def build(cls, hessian: torch.Tensor, g: torch.Tensor, a_factor: torch.Tensor, a: float, b: float,
-              *, damp: float = 0.0) -> "KronSumInverse":
+              *, damp: float = 0.0) -> KronSumInverse:
         """Factor ``M`` (fp64). ``hessian`` and ``a_factor`` are ``d_in × d_in``, ``g`` is
         ``d_out × d_out``; ``damp`` adds ``damp·mean(diag H)·I`` to ``H`` (it must be positive
         definite). Raises :class:`LinalgError` when ``M`` is not positive definite."""
