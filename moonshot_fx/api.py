@@ -82,13 +82,8 @@ def inspect(model: nn.Module, example_inputs: Any, config: SparsifyConfig | None
     args, kwargs = normalize_batch(example_inputs, model)
     captured = capture(model, args, kwargs)
     sites = find_sites(captured.gm, model)
-    try:
-        chosen = select_sites(sites, cfg, prune_head=prune_head)
-    except Exception:  # noqa: BLE001 - inspect reports, it does not refuse
-        chosen = []
-    reasons = dense_reasons(sites, chosen, cfg, prune_head=prune_head)
-    picked = {s.name for s in chosen}
-    return [{**s.row(), "selected": s.name in picked, "reason": reasons.get(s.name, "")} for s in sites]
+    reasons = dense_reasons(sites, cfg, prune_head=prune_head)  # inspect reports, it does not refuse
+    return [{**s.row(), "selected": s.name not in reasons, "reason": reasons.get(s.name, "")} for s in sites]
 
 
 #: marks the report.skipped reasons of weights whose input size does not fit the N:M pattern
@@ -201,8 +196,7 @@ def sparsify(
         captured, norm = _prepare(model, example_inputs, batches, one_shape_only=cfg.method != "moonshot")
         timings["capture"] = time.perf_counter() - t0
         all_sites = find_sites(captured.gm, model)
-        selected = select_sites(all_sites, cfg, prune_head=prune_head)
-        sites, misfits = _validate_patterns(selected, cfg)
+        sites, misfits = _validate_patterns(select_sites(all_sites, cfg, prune_head=prune_head), cfg)
         if not sites:
             raise NoPrunableSitesError(
                 f"every selected layer's input size misfits the pattern: {misfits}; use an unstructured "
@@ -212,7 +206,7 @@ def sparsify(
                           "(strict=True raises instead): " + "; ".join(f"{n}: {r}" for n, r in misfits.items()),
                           PatternWarning, stacklevel=2)
         sequential = cfg.sequential if cfg.sequential is not None else len(sites) >= AUTO_SEQUENTIAL_SITES
-        skipped = dense_reasons(all_sites, selected, cfg, prune_head=prune_head)
+        skipped = dense_reasons(all_sites, cfg, prune_head=prune_head)
         skipped.update(misfits)
         skipped.update(unsupported_weights(model, all_sites))
         report = SparsityReport(config=cfg.to_dict(), skipped=skipped,

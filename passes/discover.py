@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from moonshot_fx.config import ROUTER_EXCLUDE, SparsifyConfig
 from moonshot_fx.errors import NoPrunableSitesError
+from moonshot_fx.report import layout_name
 
 from . import experts as moe
 from .heads import head_nodes
@@ -85,7 +86,7 @@ class Site:
         """A JSON-friendly summary (the `inspect` table row)."""
         row = {"name": self.name, "kind": self.kind, "shape": list(self.shape), "params": self.params,
                "group": self.group, "aliases": list(self.aliases), "head": self.is_head,
-               "skipped": self.skipped, "layout": "in_out" if self.transposed else "out_in"}
+               "skipped": self.skipped, "layout": layout_name(self.transposed)}
         if self.slice_index is not None:
             row["slice"] = self.slice_index
         return row
@@ -304,20 +305,10 @@ def select_sites(sites: list[Site], config: SparsifyConfig, *, prune_head: bool 
     """Sites chosen by the config's globs; heads (final classifiers) only when ``prune_head``.
 
     A parameter is excluded when any of its aliases matches an exclude glob (a tied
-    ``lm_head``/embedding stays dense). Raises NoPrunableSitesError if nothing is left.
+    ``lm_head``/embedding stays dense); :func:`dense_reasons` says why for each site left out.
+    Raises NoPrunableSitesError if nothing is left.
     """
-    chosen = []
-    for s in sites:
-        if s.skipped:
-            continue
-        names = _glob_names(s)
-        if any(any(fnmatch.fnmatchcase(a, g) for g in config.exclusions) for a in names):
-            continue
-        if not any(any(fnmatch.fnmatchcase(a, g) for g in config.include) for a in names):
-            continue
-        if s.is_head and not prune_head and not _explicitly_included(s, config):
-            continue
-        chosen.append(s)
+    chosen = [s for s in sites if not dense_reason(s, config, prune_head=prune_head)]
     if not chosen:
         found = ", ".join(s.name for s in sites[:8]) + (" …" if len(sites) > 8 else "")
         raise NoPrunableSitesError(
@@ -326,6 +317,38 @@ def select_sites(sites: list[Site], config: SparsifyConfig, *, prune_head: bool 
             "prune_head=True to prune a final classifier."
         )
     return chosen
+
+
+def dense_reason(site: Site, config: SparsifyConfig, *, prune_head: bool = False) -> str:
+    """Why the config leaves ``site`` dense — skipped by discovery (its own reason), excluded by a
+    user or default glob (which one, and how to prune it anyway), not matched by ``include``, or
+    the model's head — or ``""`` when it is selected. The one rule :func:`select_sites` and
+    :func:`dense_reasons` share."""
+    if site.skipped:
+        return site.skipped
+    names = _glob_names(site)
+
+    def hit(globs: tuple[str, ...]) -> str | None:
+        return next((g for g in globs for a in names if fnmatch.fnmatchcase(a, g)), None)
+
+    if (g := hit(tuple(config.exclude))) is not None:
+        return f"excluded by exclude glob {g!r}"
+    if (g := hit(tuple(g for g in config.exclusions if g not in config.exclude))) is not None:
+        what = "mixture-of-experts router" if g in ROUTER_EXCLUDE else "embedding / output head / classifier"
+        return (f"{what}, kept dense by default (exclude glob {g!r}); pass default_exclude=False "
+                "(with your own exclude list) to prune it")
+    if hit(tuple(config.include)) is None:
+        return f"not matched by include={list(config.include)}"
+    if site.is_head and not prune_head and not _explicitly_included(site, config):
+        return ("the model's head (produces its primary output), kept dense by default; "
+                "prune_head=True, or naming it in include, prunes it")
+    return ""
+
+
+def dense_reasons(sites: list[Site], config: SparsifyConfig, *, prune_head: bool = False) -> dict[str, str]:
+    """name → :func:`dense_reason` for every site the config leaves dense, so that no dense
+    weight goes unmentioned in ``report.skipped``."""
+    return {s.name: r for s in sites if (r := dense_reason(s, config, prune_head=prune_head))}
 
 
 def _glob_names(site: Site) -> tuple[str, ...]:
@@ -338,37 +361,3 @@ def _glob_names(site: Site) -> tuple[str, ...]:
 
 def _explicitly_included(site: Site, config: SparsifyConfig) -> bool:
     return any(g != "*" and fnmatch.fnmatchcase(a, g) for g in config.include for a in _glob_names(site))
-
-
-def dense_reasons(sites: list[Site], chosen: list[Site], config: SparsifyConfig, *,
-                  prune_head: bool = False) -> dict[str, str]:
-    """name → why, for every discovered site that :func:`select_sites` did not choose: skipped by
-    discovery (its own reason), excluded by a default or user glob (which one, and how to prune it
-    anyway), not matched by ``include``, or the model's head — so that no dense weight goes
-    unmentioned in ``report.skipped``."""
-    picked = {s.name for s in chosen}
-    user = tuple(config.exclude)
-    defaults = tuple(g for g in config.exclusions if g not in user)
-    out: dict[str, str] = {}
-    for s in sites:
-        if s.name in picked:
-            continue
-        names = _glob_names(s)
-        hit = lambda globs: next((g for g in globs for a in names if fnmatch.fnmatchcase(a, g)), None)  # noqa: E731
-        if s.skipped:
-            out[s.name] = s.skipped
-        elif (g := hit(user)) is not None:
-            out[s.name] = f"excluded by exclude glob {g!r}"
-        elif (g := hit(defaults)) is not None:
-            what = ("mixture-of-experts router" if g in ROUTER_EXCLUDE else
-                    "embedding / output head / classifier")
-            out[s.name] = (f"{what}, kept dense by default (exclude glob {g!r}); pass default_exclude=False "
-                           "(with your own exclude list) to prune it")
-        elif not any(fnmatch.fnmatchcase(a, g) for g in config.include for a in names):
-            out[s.name] = f"not matched by include={list(config.include)}"
-        elif s.is_head and not prune_head:
-            out[s.name] = ("the model's head (produces its primary output), kept dense by default; "
-                           "prune_head=True, or naming it in include, prunes it")
-        else:  # pragma: no cover - select_sites and this function disagree
-            out[s.name] = "not selected"
-    return out
