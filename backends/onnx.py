@@ -56,6 +56,8 @@ from torch.utils import _pytree as pytree
 from moonshot_fx.config import PatternLike, parse_pattern
 from moonshot_fx.errors import BackendUnavailableError, ConfigError, MoonshotError, TraceError
 
+from moonshot_fx.user_models import model_arg_type
+
 from . import onnx_layout
 
 __all__ = [
@@ -959,7 +961,7 @@ _MODELS = ("resnet20", "resnet56", "stories260k", "smollm2")
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``export`` subcommand's arguments to ``parser``."""
-    parser.add_argument("--model", required=True, type=_model_arg,
+    parser.add_argument("--model", required=True, type=model_arg_type(_MODELS),
                         help=f"a bundled model ({', '.join(_MODELS)}), a Hugging Face model directory, a .gguf "
                              "file, or timm:NAME / torchvision:NAME (then --checkpoint FILE)")
     parser.add_argument("--checkpoint", help="torch state_dict (e.g. a pruned model) loaded with weights_only=True")
@@ -970,14 +972,6 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--tensorrt-config", default=None, help="write TensorRT EP options (sparsity on) here")
     parser.add_argument("--no-verify", action="store_true", help="report but do not fail on verification")
     return parser
-
-
-def _model_arg(text: str) -> str:
-    """argparse ``type`` of ``--model``: a bundled name, or a form of :mod:`moonshot_fx.user_models`
-    (checked when loading); a bare unknown word is a usage error."""
-    if text in _MODELS or ":" in text or os.sep in text or "." in text or Path(text).exists():
-        return text
-    raise argparse.ArgumentTypeError(f"{text!r} is not a bundled model ({', '.join(_MODELS)}) nor an existing path")
 
 
 def _load_user_model(text: str, num_classes: int | None = None) -> tuple[nn.Module, Any]:

@@ -28,11 +28,9 @@ from torch import nn
 
 from moonshot_fx.config import Pattern
 from moonshot_fx.masks import pattern_violations
+from moonshot_fx.report import IN_OUT, OUT_IN
 
 __all__ = ["IN_OUT", "OUT_IN", "describe", "graph_layouts", "layout_pattern_problems", "param_layouts", "resolve_layout"]
-
-OUT_IN = "out_in"
-IN_OUT = "in_out"
 
 #: ONNX ops whose second input is a weight reduced over dimension 0 unless ``transB`` says otherwise
 _MATMUL_OPS = {"MatMul": False, "Gemm": True, "FusedMatMul": True, "FusedGemm": True}

@@ -62,7 +62,7 @@ import torch.nn as nn
 from .api import NM_SKIP_MARK
 from .config import BASES, METHODS, SparsifyConfig, parse_pattern
 from .errors import ConfigError, MoonshotError, PatternWarning
-from .user_models import FORMS_HELP, UserModel, load_user_model, parse_model_arg
+from .user_models import FORMS_HELP, UserModel, load_user_model, model_arg_type, parse_model_arg
 
 log = logging.getLogger("moonshot_fx.cli")
 
@@ -112,15 +112,6 @@ def _data() -> Any:
     except ImportError as e:  # pragma: no cover - data ships with the package
         raise SystemExit(f"moonshot-fx: error: moonshot_fx.data is unavailable: {e}") from e
     return data
-
-
-def _model_arg(text: str) -> str:
-    """argparse ``type`` of ``--model``: a bundled name passes; a bare word that is no file fails here
-    (usage error); paths and ``timm:``/``torchvision:`` names are checked when loading."""
-    if text in MODELS or ":" in text or os.sep in text or "." in text or Path(text).exists():
-        return text
-    raise argparse.ArgumentTypeError(f"{text!r} is not a bundled model ({', '.join(MODELS)}) nor an existing "
-                                     f"path; --model takes a bundled name, {FORMS_HELP}")
 
 
 def load_model(name: str, *, need_text: bool = True, args: argparse.Namespace | None = None) -> Loaded:
@@ -477,7 +468,7 @@ def _apply_defaults(args: argparse.Namespace, user: UserModel | None = None) -> 
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, type=_model_arg,
+    p.add_argument("--model", required=True, type=model_arg_type(MODELS),
                    help=f"a bundled model ({', '.join(MODELS)}), {FORMS_HELP}")
     p.add_argument("--checkpoint", help="state_dict file (torch.load(weights_only=True) or .safetensors) loaded "
                                         "into the model; required for timm:/torchvision: models")

@@ -18,12 +18,13 @@ says what was wrong and what to pass instead.
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -32,7 +33,7 @@ from .errors import ModelLoadError
 
 __all__ = [
     "ModelSource", "UserModel", "parse_model_arg", "load_user_model", "load_state_dict_file",
-    "example_inputs", "FORMS_HELP",
+    "example_inputs", "FORMS_HELP", "model_arg_type",
 ]
 
 #: one line describing the accepted forms, for error messages and ``--help``
@@ -91,6 +92,18 @@ class UserModel:
             if isinstance(value, int) and value > 0:
                 return value
         return None
+
+
+def model_arg_type(bundled: Sequence[str]) -> Callable[[str], str]:
+    """The argparse ``type`` of a ``--model`` option next to the ``bundled`` names: a bundled name
+    passes, and so does anything that looks like a path or a ``timm:``/``torchvision:`` name
+    (:func:`parse_model_arg` checks it when loading); a bare unknown word is a usage error."""
+    def check(text: str) -> str:
+        if text in bundled or ":" in text or os.sep in text or "." in text or Path(text).exists():
+            return text
+        raise argparse.ArgumentTypeError(f"{text!r} is not a bundled model ({', '.join(bundled)}) nor an existing "
+                                         f"path; --model takes a bundled name, {FORMS_HELP}")
+    return check
 
 
 def parse_model_arg(text: str) -> ModelSource:

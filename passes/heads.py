@@ -35,23 +35,6 @@ def _val(node: fx.Node) -> Any:
     return node.meta.get("val", node.meta.get("example_value"))
 
 
-def _is_float(node: fx.Node) -> bool | None:
-    """True / False where the traced value's dtype is known (any tensor of a tuple), else None."""
-    v = _val(node)
-    if isinstance(v, torch.Tensor):
-        return v.is_floating_point() or v.is_complex()
-    if isinstance(v, (tuple, list)) and v:
-        tensors = [t for t in v if isinstance(t, torch.Tensor)]
-        return any(t.is_floating_point() for t in tensors) if tensors else False
-    if v is not None:  # SymInt, int, bool …: shape arithmetic
-        return False
-    if node.op == "call_method" and node.target in _SHAPE_METHODS:
-        return False
-    if node.op == "call_function" and node.target is getattr:
-        return False
-    return None
-
-
 def _is_shape(node: fx.Node) -> bool:
     """A shape value (SymInt, ``x.size()``), which carries no data of the input."""
     v = _val(node)
@@ -61,6 +44,18 @@ def _is_shape(node: fx.Node) -> bool:
         return True
     return (node.op == "call_method" and node.target in _SHAPE_METHODS) or (
         node.op == "call_function" and node.target is getattr)
+
+
+def _is_float(node: fx.Node) -> bool | None:
+    """True / False where the traced value's dtype is known (any tensor of a tuple), else None."""
+    if _is_shape(node):
+        return False
+    v = _val(node)
+    if isinstance(v, torch.Tensor):
+        return v.is_floating_point() or v.is_complex()
+    if isinstance(v, (tuple, list)):
+        return any(t.is_floating_point() for t in v if isinstance(t, torch.Tensor))
+    return None
 
 
 def _is_scalar(node: fx.Node) -> bool:
@@ -135,8 +130,6 @@ def _rebuild(spec: Any, leaves: Iterable[fx.Node]) -> Any:
     keys = list(ctx) if isinstance(ctx, (list, tuple)) else None
     if keys is not None and len(keys) == len(parts) and all(isinstance(k, str) for k in keys):
         return dict(zip(keys, parts))
-    if isinstance(ctx, Mapping):  # never seen, kept for safety
-        return dict(zip(ctx.keys(), parts))
     return parts
 
 
@@ -149,8 +142,10 @@ def _site_free_input(gm: fx.GraphModule, site_nodes: set[str]) -> dict[str, bool
     """node → whether its (floating-point) value carries the input without passing any site."""
     carries: dict[str, bool] = {}  # any input- or site-derived signal
     free: dict[str, bool] = {}
+    floating: dict[str, bool] = {}  # _is_float is not False, per node (inputs come first in graph order)
     for node in gm.graph.nodes:
         is_float = _is_float(node)
+        floating[node.name] = is_float is not False
         inputs = node.all_input_nodes
         if node.op == "placeholder":
             carries[node.name] = True
@@ -163,8 +158,8 @@ def _site_free_input(gm: fx.GraphModule, site_nodes: set[str]) -> dict[str, bool
         if is_float is False:
             free[node.name] = False
             continue
-        float_in = [i for i in inputs if _is_float(i) is not False]
-        other_in = [i for i in inputs if _is_float(i) is False]
+        float_in = [i for i in inputs if floating[i.name]]
+        other_in = [i for i in inputs if not floating[i.name]]
         free[node.name] = (any(free[i.name] for i in float_in)
                            # a float made from input-derived integers only: an embedding lookup
                            or (not any(carries[i.name] for i in float_in) and any(carries[i.name] for i in other_in)))

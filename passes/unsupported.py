@@ -13,6 +13,7 @@ from typing import Iterable
 import torch.nn as nn
 
 from .discover import Site
+from .experts import split_slice_name
 
 
 def _owners(model: nn.Module) -> dict[int, tuple[str, nn.Module, str]]:
@@ -55,7 +56,7 @@ def unsupported_weights(model: nn.Module, sites: Iterable[Site]) -> dict[str, st
     for s in sites:  # an expert slice "<param>[e]" covers its 3-D parameter (all slices are sites)
         covered.update((s.name, *s.aliases, s.parameter_name))
         if s.slice_index is not None:
-            covered.update(a.rsplit("[", 1)[0] for a in s.aliases)
+            covered.update(split_slice_name(a)[0] for a in s.aliases)
     owners = _owners(model)
     out: dict[str, str] = {}
     for name, p in model.named_parameters():
