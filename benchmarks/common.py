@@ -131,6 +131,10 @@ def parse_method(label: str) -> MethodSpec:
             opts["alpha"] = "auto"
         elif p.startswith("a"):
             opts["alpha"] = float(p[1:])
-        elif p in ("token", "sample", "weight"):
+        elif p in ("token", "row", "sample", "weight"):
             opts["fisher"] = p
+        elif p == "tf":  # the true Fisher: labels drawn from the dense model
+            opts["fisher_labels"] = "model"
+        elif p.startswith("c") and p[1:].isdigit():  # row clusters: k equal blocks per site
+            opts["row_clusters"] = int(p[1:])
     return MethodSpec(label, "moonshot", tuple(sorted(opts.items())))

@@ -52,7 +52,12 @@ def lm_setup(name: str, args: argparse.Namespace) -> tuple[Any, list[Any], Calla
         settings = {"calibration": "64x256 tokens sampled from the dense model, seed 0",
                     "evaluation": f"{ev.shape[0]}x128 tokens tinystories_sample", "metric": "perplexity"}
     batches = [{"input_ids": cal[i:i + args.batch]} for i in range(0, cal.shape[0], args.batch)]
-    return model, batches, lambda m: data.perplexity(m, ev, batch_size=4), settings
+    if name == "smollm2" and args.c4_windows:
+        c4 = data.eval_windows(data.tokenize(tok, data.load_text("c4_valid")), args.seqlen, args.c4_windows)
+        settings["evaluation_c4"] = f"first {c4.shape[0]}x{args.seqlen} tokens c4_valid_sample (never calibrated on)"
+        return model, batches, lambda m: {"quality": data.perplexity(m, ev, batch_size=4),
+                                          "quality_c4": data.perplexity(m, c4, batch_size=4)}, settings
+    return model, batches, lambda m: {"quality": data.perplexity(m, ev, batch_size=4)}, settings
 
 
 def cnn_setup(name: str, args: argparse.Namespace) -> tuple[Any, list[Any], Callable[[Any], float], dict[str, Any]]:
@@ -63,7 +68,7 @@ def cnn_setup(name: str, args: argparse.Namespace) -> tuple[Any, list[Any], Call
     settings = {"calibration": f"{cx.shape[0]} calib.npz images (labels unused)",
                 "evaluation": f"top-1 on {tx.shape[0]} test.npz images", "metric": "top1",
                 "exclude": ["conv1.weight"]}
-    return model, batches, lambda m: data.top1(m, tx, ty), settings
+    return model, batches, lambda m: {"quality": data.top1(m, tx, ty)}, settings
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -90,8 +95,8 @@ def run(args: argparse.Namespace) -> Path:
             doc["note"] = old["note"]
     t = time.perf_counter()
     dense_q = evaluate(model)
-    doc["dense"] = {"quality": dense_q, "eval_seconds": time.perf_counter() - t}
-    print(f"{args.model} dense {settings['metric']} {dense_q:.3f}", flush=True)
+    doc["dense"] = {**dense_q, "eval_seconds": time.perf_counter() - t}
+    print(f"{args.model} dense {settings['metric']} {_show(dense_q)}", flush=True)
     for pattern in args.patterns:
         for label in args.methods:
             spec = parse_method(label)
@@ -106,13 +111,13 @@ def run(args: argparse.Namespace) -> Path:
                 continue
             report = model.moonshot_report
             q = evaluate(model)
-            row = {"pattern": pattern, "method": label, "run": doc.get("runs", 1), "quality": q, "prune_seconds": wall,
+            row = {"pattern": pattern, "method": label, "run": doc.get("runs", 1), **q, "prune_seconds": wall,
                    "peak_rss_mb": peak / 2**20, "timings": report.timings, "alpha": report.alpha,
                    "alpha_search": report.alpha_search, "sequential": report.sequential,
                    "sequential_unit": report.config.get("sequential_unit"),
                    "sparsity": report.overall_sparsity, "sites": len(report.sites)}
             doc["rows"].append(row)
-            print(f"{pattern:>5} {label:<24} {settings['metric']} {q:9.3f}  prune {wall:7.1f}s  "
+            print(f"{pattern:>5} {label:<24} {settings['metric']} {_show(q)}  prune {wall:7.1f}s  "
                   f"peak RSS {peak / 2**20:7.0f} MB  alpha {report.alpha}", flush=True)
             write_json(out_path, doc)
     model.load_state_dict(dense)
@@ -123,6 +128,10 @@ def run(args: argparse.Namespace) -> Path:
     return out_path
 
 
+def _show(q: dict[str, float]) -> str:
+    return " / ".join(f"{v:9.3f}" for v in q.values())
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", choices=["smollm2", "stories260k", "resnet20", "resnet56"])
@@ -131,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
                                                      "moonshot-wanda"])
     p.add_argument("--calib-windows", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--c4-windows", type=int, default=0,
+                   help="smollm2: also report perplexity on the first N 512-token windows of the C4 sample "
+                        "(quality_c4; out of the calibration domain)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0,

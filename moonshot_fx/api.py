@@ -25,11 +25,12 @@ from .passes.calibrate import (LossFn, collect_gradients, collect_hessians, defa
                                needs_diagonal_only, output_logits)
 from .passes.capture import CapturedGraph, batch_shape_key, capture, iter_batches, normalize_batch
 from .passes.discover import Site, dense_reasons, find_sites, select_sites
-from .passes.losses import scores_own_predictions, soft_target_loss
+from .passes.losses import SampledLabelLoss, scores_own_predictions, soft_target_loss
 from .passes.meta import check_not_meta
 from .passes.norm_recalibration import (batchnorm_modules, batchnorm_state, recalibrate_batchnorm,
                                         restore_batchnorm_state)
 from .passes.prune import SiteResult, prune_group, to_matrix
+from .passes.row_clusters import row_clusters
 from .passes.runner import GraphRunner
 from .passes.sequential import sequential_prune
 from .passes.unsupported import unsupported_weights
@@ -253,6 +254,17 @@ def default_fisher(cfg: SparsifyConfig, sites: Sequence[Site]) -> str:
     return "weight" if cfg.base in ("wanda", "magnitude") else "token"
 
 
+def fisher_loss(cfg: SparsifyConfig, loss_fn: LossFn | None) -> LossFn | None:
+    """The loss of MOONSHOT's gradient pass: the user's, the default (``fisher_labels="data"``),
+    or cross-entropy on labels sampled from the model (``"model"``: the true Fisher)."""
+    if cfg.fisher_labels == "data":
+        return loss_fn
+    if loss_fn is not None:
+        raise ConfigError("fisher_labels='model' draws its own labels from the model's predictions; it cannot "
+                          "be combined with a custom loss_fn (drop one of them).")
+    return SampledLabelLoss(seed=0)
+
+
 def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: list[Any], cfg: SparsifyConfig,
          sequential: bool, loss_fn: LossFn | None, progress: bool, timings: dict[str, float],
          report: SparsityReport) -> dict[str, SiteResult]:
@@ -269,11 +281,17 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
         if cfg.fisher == "auto":
             cfg = cfg.replace(fisher=default_fisher(cfg, sites))
             report.config["fisher"] = cfg.fisher
+        if cfg.fisher == "row" and cfg.base in ("wanda", "magnitude"):
+            cfg = cfg.replace(fisher="weight")  # the per-weight diagonal is already per row
+            report.config["fisher"] = cfg.fisher
         t = time.perf_counter()
+        clusters = row_clusters(captured.gm, sites, cfg.row_clusters) if cfg.fisher == "row" else None
+        if clusters:
+            report.row_clusters = {k: v for k, v in clusters.items() if v > 1}
         row_weights, sample_fishers, _ = collect_gradients(
-            captured, sites, norm, kind=cfg.fisher, loss_fn=loss_fn,
+            captured, sites, norm, kind=cfg.fisher, loss_fn=fisher_loss(cfg, loss_fn), clusters=clusters,
             progress=_progress(progress, "gradients", len(norm)))
-        if cfg.fisher != "token":
+        if cfg.fisher not in ("token", "row"):
             row_weights = None  # sample / weight kinds: the Fisher itself is in sample_fishers
         timings["gradients"] = time.perf_counter() - t
         if cfg.alpha == "auto":

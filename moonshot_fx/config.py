@@ -89,7 +89,9 @@ def parse_pattern(value: PatternLike) -> Pattern:
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "optima", "moonshot")
 BASES = ("magnitude", "wanda", "sparsegpt", "optima")
-FISHER_KINDS = ("auto", "token", "sample", "weight")
+FISHER_KINDS = ("auto", "token", "row", "sample", "weight")
+#: where the Fisher pass takes its labels from
+FISHER_LABELS = ("data", "model")
 SEQUENTIAL_UNITS = ("auto", "block", "group")
 #: pruners that re-fit the kept weights (OBS updates, least squares) rather than only choosing a mask
 WEIGHT_UPDATING = ("sparsegpt", "optima")
@@ -120,8 +122,19 @@ class SparsifyConfig:
         alpha_grid: candidate values tried by ``alpha="auto"``.
         fisher: ``"token"`` (Xᵀdiag(‖δ_t‖²)X), ``"sample"`` (Σ_k G_kᵀG_k) Fisher for MOONSHOT,
             ``"weight"`` (the per-weight diagonal Σ_t δ_ti² x_tj², not shared across output rows;
-            MOONSHOT-Wanda/magnitude only), or ``"auto"``: sample-level for convolutional models,
-            otherwise per-weight for Wanda/magnitude bases and token-level for the others.
+            MOONSHOT-Wanda/magnitude only), ``"row"`` (the token Fisher per cluster of output
+            rows, ``F_c = Xᵀdiag(Σ_{i∈c} δ_ti²)X``, clusters set by ``row_clusters``; for
+            Wanda/magnitude bases it is the per-weight diagonal, which is already per row), or
+            ``"auto"``: sample-level for convolutional models, otherwise per-weight for
+            Wanda/magnitude bases and token-level for the others.
+        row_clusters: output-row clusters of ``fisher="row"``: ``"heads"`` (one per attention
+            head where the graph splits a projection's output into heads, else one) or an
+            integer ``k`` (``k`` equal blocks of rows for every site). See
+            :mod:`moonshot_fx.passes.row_clusters`.
+        fisher_labels: the labels of the Fisher pass: ``"data"`` (the calibration text's own
+            next tokens / labels: the empirical Fisher) or ``"model"`` (sampled from the dense
+            model's own predictive distribution: a one-sample estimate of the true Fisher, which
+            needs no labels).
         include / exclude: glob rules on weight FQNs (``model.layers.*.mlp.*``); exclude wins.
             ``exclude`` *adds* to :data:`DEFAULT_EXCLUDE` (embeddings, LM heads, classifiers).
         default_exclude: apply :data:`DEFAULT_EXCLUDE` as well as ``exclude`` (default). Set it
@@ -165,6 +178,8 @@ class SparsifyConfig:
     alpha: Union[float, str] = 0.75
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     fisher: str = "auto"
+    row_clusters: Union[int, str] = "heads"
+    fisher_labels: str = "data"
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     default_exclude: bool = True
@@ -192,7 +207,11 @@ class SparsifyConfig:
         if self.mask_from not in ("magnitude", "wanda", "sparsegpt", "moonshot"):
             raise ConfigError(f"unknown OPTIMA mask_from {self.mask_from!r}.")
         if self.fisher not in FISHER_KINDS:
-            raise ConfigError(f"unknown fisher kind {self.fisher!r}: choose 'auto', 'token', 'sample' or 'weight'.")
+            raise ConfigError(f"unknown fisher kind {self.fisher!r}: choose one of {', '.join(FISHER_KINDS)}.")
+        if not (self.row_clusters == "heads" or (isinstance(self.row_clusters, int) and self.row_clusters >= 1)):
+            raise ConfigError(f"row_clusters must be 'heads' or a positive integer, got {self.row_clusters!r}")
+        if self.fisher_labels not in FISHER_LABELS:
+            raise ConfigError(f"unknown fisher_labels {self.fisher_labels!r}: choose 'data' or 'model'.")
         if self.method == "moonshot" and self.fisher == "weight" and self.base not in ("wanda", "magnitude"):
             raise ConfigError(
                 f"fisher='weight' is a per-weight diagonal that only score-based bases use; base={self.base!r} "

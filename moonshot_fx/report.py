@@ -54,6 +54,8 @@ class SparsityReport:
     timings: dict[str, float] = field(default_factory=dict)
     alpha: float | None = None
     alpha_search: dict[str, float] = field(default_factory=dict)
+    #: fisher="row": sites whose Fisher was clustered over output rows → clusters (others: 1)
+    row_clusters: dict[str, int] = field(default_factory=dict)
     sequential: bool = False
     capture_method: str = ""
     #: BatchNorm layers whose running statistics were re-estimated after pruning

@@ -122,15 +122,35 @@ def mixed_curvature(rows: Sequence[torch.Tensor], weights: Sequence[torch.Tensor
     scale of ``X``: where the per-row scales fall below float32's range (activations whose ``XᵀX``
     would overflow), the rows are scaled in fp64 before the float32 product. ``row_norms``:
     :func:`squared_row_norms` of ``rows`` when already computed (sites sharing an input share them).
+
+    Row-clustered Fisher (``fisher="row"``): ``weights[b]`` of shape ``(rows, C)`` hold
+    ``w_tc = Σ_{i∈c} δ_ti²`` for ``C`` equal clusters of output rows; the result is ``(C, d, d)``,
+    cluster ``c``'s curvature ``d · Xᵀ diag(α / S_h + (1 − α) · C · w_tc / S_f) X`` with the *shared*
+    ``S_f`` (see :func:`moonshot_fx.pruners.moonshot.mix_hessians`): a row of cluster ``c`` sees
+    ``F_c / |c|``, the mean per-row Fisher of its cluster, on the scale of the mean per-row Fisher
+    of the whole layer, so clusters with more gradient mass weigh the Taylor term more. ``C = 1``
+    gives the shared form.
     """
     if len(rows) != len(weights) or not rows:
         raise ValueError("mixed_curvature needs one weight vector per batch of rows, and at least one batch")
+    if weights[0].dim() == 2:
+        clusters = weights[0].shape[1]
+        totals = [w.to(ACC_DTYPE).sum(dim=1) for w in weights]
+        sq = squared_row_norms(rows) if row_norms is None else row_norms
+        return torch.stack([_mixed_one(rows, totals, [w[:, c] for w in weights], alpha, sq, scale=clusters)
+                            for c in range(clusters)])
+    return _mixed_one(rows, weights, weights, alpha, row_norms)
+
+
+def _mixed_one(rows: Sequence[torch.Tensor], totals: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+               alpha: float, row_norms: Sequence[torch.Tensor] | None, scale: float = 1.0) -> torch.Tensor:
+    """:func:`mixed_curvature` with ``S_f`` from ``totals`` and the Taylor weights ``scale · weights``."""
     sq = squared_row_norms(rows) if row_norms is None else row_norms
     s_h = float(sum(float(q.sum()) for q in sq))
-    s_f = float(sum(float((q * w.to(ACC_DTYPE)).sum()) for q, w in zip(sq, weights)))
+    s_f = float(sum(float((q * w.to(ACC_DTYPE)).sum()) for q, w in zip(sq, totals)))
     d = rows[0].shape[1]
     a = d * alpha / s_h if s_h > 0 else 0.0
-    b = d * (1.0 - alpha) / s_f if s_f > 0 else 0.0
+    b = scale * d * (1.0 - alpha) / s_f if s_f > 0 else 0.0
     out: torch.Tensor | None = None
     tiny = torch.finfo(MATMUL_DTYPE).tiny
     for r, w in zip(rows, weights):
@@ -210,12 +230,18 @@ class LayerStats:
         self.batches += 1
 
     def add_token_fisher(self, site: str, rows: torch.Tensor, weights: torch.Tensor) -> None:
-        """Accumulate ``Xᵀ diag(weights) X`` (its diagonal in diagonal-only mode) for ``site``."""
-        if self.diagonal_only:
-            update = (rows.to(ACC_DTYPE).square() * weights.to(ACC_DTYPE).unsqueeze(1)).sum(dim=0)
+        """Accumulate ``Xᵀ diag(weights) X`` (its diagonal in diagonal-only mode) for ``site``;
+        ``weights`` of shape ``(rows, C)`` accumulate one Fisher per row cluster."""
+        if weights.dim() == 2:  # row clusters (fisher="row"): one Fisher per cluster, (C, d, d)
+            update = torch.stack([self._fisher_update(rows, weights[:, c]) for c in range(weights.shape[1])])
         else:
-            update = accumulate_hessian(None, rows, weights)
+            update = self._fisher_update(rows, weights)
         self.add_fisher(site, update)
+
+    def _fisher_update(self, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.diagonal_only:
+            return (rows.to(ACC_DTYPE).square() * weights.to(ACC_DTYPE).unsqueeze(1)).sum(dim=0)
+        return accumulate_hessian(None, rows, weights)
 
     def add_mixed(self, site: str, rows: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], alpha: float,
                   row_norms: Sequence[torch.Tensor] | None = None) -> None:
@@ -224,7 +250,7 @@ class LayerStats:
         if site in self.mixed:
             raise ValueError(f"H_mix of {site!r} is formed once, from all rows; it cannot be accumulated")
         mix = mixed_curvature(rows, weights, alpha, row_norms)
-        if not torch.isfinite(torch.diagonal(mix)).all():
+        if not torch.isfinite(torch.diagonal(mix, dim1=-2, dim2=-1)).all():
             raise _non_finite("activations or gradients")
         self.mixed[site] = mix
 
@@ -264,4 +290,6 @@ class LayerStats:
         if f is None:
             return None
         f = (f / max(1, self.rows)).to(torch.float32)
-        return torch.diag(f) if self.diagonal_only else f
+        if self.diagonal_only:
+            return torch.diag_embed(f)
+        return f

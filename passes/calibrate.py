@@ -167,17 +167,22 @@ def collect_gradients(
     kind: str = "token",
     loss_fn: LossFn | None = None,
     micro_batch: int = 1,
+    clusters: dict[str, int] | None = None,
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda x: x,
 ) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor], float]:
     """Backward passes of the loss; returns ``(row_weights, sample_fisher, mean_loss)``.
 
-    ``row_weights[site][b]`` are ``‖δ_t‖²`` for the rows of batch ``b`` (token kind);
+    ``row_weights[site][b]`` are ``‖δ_t‖²`` for the rows of batch ``b`` (token kind), or
+    ``(rows, C)`` with ``Σ_{i∈c} δ_ti²`` for the ``clusters[site] = C`` equal blocks of output
+    rows (row kind; experts and sites missing from ``clusters`` get ``C = 1``);
     ``sample_fisher[site]`` is ``Σ_k G_kᵀG_k`` over all samples (sample kind, fp32), or the
     per-weight diagonal ``Σ_t δ_ti² x_tj²`` shaped like the weight matrix (weight kind).
     With the default loss the backward runs ``micro_batch`` samples at a time, so the memory of
     autograd's saved activations (and an LM's logits) does not grow with the batch size.
     """
     loss_fn = loss_fn or default_loss
+    splittable = loss_fn is default_loss or getattr(loss_fn, "per_sample", False)
+    clusters = clusters or {}
     runner = GraphRunner(captured, sites)
     params = [p for p in captured.gm.parameters()]
     flags = [p.requires_grad for p in params]
@@ -192,7 +197,7 @@ def collect_gradients(
         for b_args, b_kwargs in progress(batches):
             # the default loss reads everything from the batch, so the backward can run on
             # micro-batches (exact: losses are per sample); a user loss_fn sees whole batches
-            chunks = split_batch(b_args, b_kwargs, micro_batch) if loss_fn is default_loss else [(b_args, b_kwargs)]
+            chunks = split_batch(b_args, b_kwargs, micro_batch) if splittable else [(b_args, b_kwargs)]
             if not all(captured.matches(a, k) for a, k in chunks):
                 chunks = [(b_args, b_kwargs)]  # a static-shape graph runs whole batches only
             batch_rows: dict[str, list[list[torch.Tensor]]] = {s.name: [] for s in sites}  # site -> use -> chunks
@@ -229,7 +234,7 @@ def collect_gradients(
                         per_site.setdefault(site.name, []).append((inputs[(name, site.name)][0], d))
                 for site in sites:
                     pairs = per_site.get(site.name, [])
-                    if kind == "token" and site.slice_index is not None:
+                    if kind in ("token", "row") and site.slice_index is not None:
                         # an expert's rows are the tokens routed to it, which pruning earlier layers
                         # changes (sequential mode): its token Fisher is formed here, on the dense model
                         for x, d in pairs:
@@ -237,12 +242,16 @@ def collect_gradients(
                             rows = input_rows(x, site.kind, site.conv)
                             fishers[site.name] = accumulate_hessian(fishers.get(site.name), rows, w)
                             expert_rows[site.name] = expert_rows.get(site.name, 0) + rows.shape[0]
-                    elif kind == "token":
+                    elif kind in ("token", "row"):
                         uses = batch_rows[site.name]
                         while len(uses) < len(pairs):
                             uses.append([])
                         for u, (_, d) in enumerate(pairs):
-                            uses[u].append(d.to(torch.float32).square().sum(dim=1))
+                            sq = d.to(torch.float32).square()
+                            if kind == "row":  # (rows, C): squared gradients summed per row cluster
+                                uses[u].append(sq.reshape(sq.shape[0], clusters.get(site.name, 1), -1).sum(dim=2))
+                            else:
+                                uses[u].append(sq.sum(dim=1))
                     elif kind == "weight":
                         for x, d in pairs:
                             upd = weight_fisher_diagonal(input_rows(x, site.kind, site.conv), d)
@@ -260,7 +269,7 @@ def collect_gradients(
                 inputs.clear()
                 outputs.clear()
                 del grads
-            if kind == "token":  # per batch: uses in graph order, each over all its samples
+            if kind in ("token", "row"):  # per batch: uses in graph order, each over all its samples
                 for site in plain:
                     row_weights[site.name].append(torch.cat([torch.cat(parts) for parts in batch_rows[site.name]]))
     finally:

@@ -191,3 +191,36 @@ def soft_target_loss(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     if logits.dim() == 2:
         return F.cross_entropy(logits.float(), probs, reduction="none")
     return F.cross_entropy(logits.float().transpose(1, 2), probs.transpose(1, 2), reduction="none").mean(dim=1)
+
+
+class SampledLabelLoss:
+    """Cross-entropy against labels drawn from the model's own predictive distribution.
+
+    The gradients of this loss give a one-sample Monte Carlo estimate of the *true* Fisher
+    ``E_{y∼p(·|x)}[∇ log p(y|x) ∇ log p(y|x)ᵀ]``, instead of the empirical Fisher of the data's
+    own labels: it depends on the inputs only, not on which next token the calibration text
+    happened to have (``fisher_labels="model"``). Classifier logits ``(B, C)`` draw one class per
+    sample; token logits ``(B, T, V)`` one token per position (positions masked out by
+    ``attention_mask`` are ignored), averaged over positions like :func:`token_cross_entropy`.
+    The draws come from a generator seeded once, so a run is reproducible.
+    """
+
+    #: losses are per sample, so the gradient pass may split batches into micro-batches
+    per_sample = True
+
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _draw(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits.detach().float().reshape(-1, logits.shape[-1]), dim=-1)
+        return torch.multinomial(probs.cpu(), 1, generator=self.generator).reshape(logits.shape[:-1]).to(logits.device)
+
+    def __call__(self, output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+        logits = output_logits(output)
+        if logits.dim() == 2:
+            return F.cross_entropy(logits.float(), self._draw(logits), reduction="none")
+        if logits.dim() != 3:
+            raise LossError(f"fisher_labels='model' needs (B, C) or (B, T, V) logits, got {tuple(logits.shape)}; "
+                            f"{LOSS_FN_HINT}.")
+        mask = kwargs.get("decoder_attention_mask") if _is_seq2seq(output, kwargs) else kwargs.get("attention_mask")
+        return token_cross_entropy(logits, _masked(self._draw(logits), mask))

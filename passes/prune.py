@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.linalg import inverse_cholesky_upper, prepare_hessian
-from moonshot_fx.pruners import prune_layer, quadratic_error
+from moonshot_fx.pruners import cluster_quadratic_error, prune_layer
 from moonshot_fx.stats import LayerStats
 
 from .discover import Site
@@ -113,8 +113,8 @@ def prune_group(
         Hd = curvature.to(device) if curvature is not None else None
         new, _ = prune_layer(W, Hd, pattern, method=config.method, **options)
         if Hd is not None and not stats.diagonal_only:
-            base = quadratic_error(W, torch.zeros_like(W), Hd)
-            rel = quadratic_error(W, new, Hd) / base if base > 0 else 0.0
+            base = cluster_quadratic_error(W, torch.zeros_like(W), Hd)
+            rel = cluster_quadratic_error(W, new, Hd) / base if base > 0 else 0.0
         else:
             rel = float("nan")
         value = from_matrix(site, new.to(param.dtype)).to(param.device)

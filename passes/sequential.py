@@ -51,7 +51,7 @@ def sequential_prune(
     """Prune every site sequentially; returns name → result (the model is not modified)."""
     substitutes: dict[str, torch.Tensor] = {}
     results: dict[str, SiteResult] = {}
-    mix_alpha = alpha if (config.method == "moonshot" and config.fisher == "token" and alpha is not None
+    mix_alpha = alpha if (config.method == "moonshot" and config.fisher in ("token", "row") and alpha is not None
                           and alpha < 1.0 and row_weights) else None
     collector = StatsCollector(sites, row_weights, needs_diagonal_only(config), mix_alpha=mix_alpha)
 

@@ -28,6 +28,7 @@ TEXT_FILES: dict[str, str] = {
     "wikitext2_test": "text/wikitext2_raw_test.txt",
     "wikitext2_valid": "text/wikitext2_valid.txt",
     "tinystories": "text/tinystories_sample.txt",
+    "c4_valid": "text/c4_valid_sample.jsonl",
 }
 
 
@@ -38,7 +39,9 @@ def load_text(name: str | os.PathLike[str]) -> str:
         name: one of ``"wikitext2_test"`` (raw WikiText-2 test, the usual perplexity text),
             ``"wikitext2_valid"`` (tokenized WikiText-2 validation, for calibration),
             ``"tinystories"`` (a few TinyStories stories separated by ``<|endoftext|>``),
-            or a path to a UTF-8 text file.
+            ``"c4_valid"`` (332 C4 validation documents, joined by blank lines: the
+            out-of-domain perplexity text), or a path to a UTF-8 text file (``.jsonl``: the
+            ``"text"`` of each line, joined by blank lines).
 
     Raises:
         FileNotFoundError: if the file does not exist.
@@ -51,7 +54,12 @@ def load_text(name: str | os.PathLike[str]) -> str:
             raise FileNotFoundError(
                 f"{name!s} is neither a known corpus ({', '.join(TEXT_FILES)}) nor an existing file."
             )
-    return path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        import json
+
+        return "\n\n".join(json.loads(line)["text"] for line in text.splitlines() if line.strip())
+    return text
 
 
 def _is_hf_tokenizer(tokenizer: Any) -> bool:

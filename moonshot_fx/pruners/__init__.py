@@ -13,7 +13,7 @@ from ..config import PatternLike, parse_pattern
 from ..errors import ConfigError, PatternError
 from ..masks import as_matrix
 from .magnitude import magnitude_prune
-from .moonshot import mix_hessians, mixed_objective, moonshot_prune, quadratic_error
+from .moonshot import cluster_quadratic_error, mix_hessians, mixed_objective, moonshot_prune, quadratic_error
 from .sparsegpt import sparsegpt_prune
 from .wanda import wanda_prune
 
@@ -68,7 +68,9 @@ def prune_layer(
     w2 = as_matrix(weight.detach())
     if hessian is None and method != "magnitude":
         raise ConfigError(f"method {method!r} needs the input Hessian XᵀX; only 'magnitude' works without data.")
-    if hessian is not None and hessian.shape != (w2.shape[1], w2.shape[1]):
+    square = (w2.shape[1], w2.shape[1])
+    clustered = hessian is not None and method == "moonshot" and hessian.dim() == 3 and hessian.shape[1:] == square
+    if hessian is not None and hessian.shape != square and not clustered:
         raise ConfigError(f"hessian shape {tuple(hessian.shape)} does not match weight inputs {w2.shape[1]}")
     if pattern.is_nm and w2.shape[1] % pattern.m:
         raise PatternError(
@@ -85,6 +87,6 @@ def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, hessian: to
 
 
 __all__ = [
-    "PRUNERS", "get_pruner", "mix_hessians", "mixed_objective", "prune_layer",
+    "PRUNERS", "cluster_quadratic_error", "get_pruner", "mix_hessians", "mixed_objective", "prune_layer",
     "quadratic_error", "reconstruction_error",
 ]

@@ -29,16 +29,80 @@ from ..config import Pattern
 
 
 def mix_hessians(hessian: torch.Tensor, fisher: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    """``H_mix`` as above; ``alpha == 1`` (or no Fisher) returns ``hessian`` itself."""
+    """``H_mix`` as above; ``alpha == 1`` (or no Fisher) returns ``hessian`` itself.
+
+    A row-clustered Fisher ``(C, d, d)`` (``F_c = Σ_t (Σ_{i∈c} δ_ti²) x_t x_tᵀ`` for ``C`` equal
+    clusters of output rows) gives ``(C, d, d)``: cluster ``c``'s rows see ``C · F_c / c_tay`` with
+    ``c_tay`` the mean diagonal of ``Σ_c F_c`` (the shared Fisher), i.e. the mean per-row Fisher of
+    the cluster on the scale of the layer's mean per-row Fisher (:func:`mixed_curvature`)."""
     if fisher is None or alpha >= 1.0:
         return hessian
     h = hessian.to(torch.float32)
     f = fisher.to(torch.float32)
-    c_f = torch.diagonal(f).mean().clamp_min(torch.finfo(torch.float32).tiny)
+    scale = 1.0
+    if f.dim() == 3:
+        scale = float(f.shape[0])
+        c_f = torch.diagonal(f, dim1=-2, dim2=-1).sum(dim=0).mean()
+    else:
+        c_f = torch.diagonal(f).mean()
+    c_f = c_f.clamp_min(torch.finfo(torch.float32).tiny)
     if alpha <= 0.0:
-        return f / c_f
+        return f * (scale / c_f)
     c_h = torch.diagonal(h).mean().clamp_min(torch.finfo(torch.float32).tiny)
-    return alpha * (h / c_h) + (1.0 - alpha) * (f / c_f)
+    return alpha * (h / c_h) + (1.0 - alpha) * scale * (f / c_f)
+
+
+def prune_row_clusters(weight: torch.Tensor, curvature: torch.Tensor, pattern: Pattern, method: str,
+                       **options: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune ``weight`` whose ``C`` equal blocks of output rows each have their own curvature
+    ``curvature[c]`` (``(C, d, d)``): the base pruner ``method`` runs once per block. Every row of
+    SparseGPT, OPTIMA, Wanda and magnitude is pruned independently given its curvature, so this is
+    exact for a per-row-block curvature; it only costs one factorisation per block."""
+    from . import get_pruner
+
+    clusters = curvature.shape[0]
+    rows = weight.shape[0]
+    if rows % clusters:
+        raise ValueError(f"{rows} output rows do not split into {clusters} equal clusters")
+    size = rows // clusters
+    fn = get_pruner(method)
+    options = {k: v for k, v in options.items() if k != "hinv_upper"}  # a shared factor does not apply
+    patterns = [pattern] * clusters
+    if not pattern.is_nm and clusters > 1:
+        patterns = cluster_sparsities(weight, curvature, pattern.sparsity, float(options.get("dampening", 0.01)))
+    parts = [fn(weight[c * size:(c + 1) * size], curvature[c], patterns[c], **options) for c in range(clusters)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def cluster_sparsities(weight: torch.Tensor, curvature: torch.Tensor, sparsity: float, dampening: float) -> list[Pattern]:
+    """Unstructured sparsity of each row cluster, so that the layer's total is ``sparsity``.
+
+    A row-shared pruner compares weights of all rows with one saliency; pruning clusters one by
+    one would force every cluster to the same sparsity instead. The budget is therefore split
+    first, by the single-weight OBS saliency ``w_ij² / [C_c⁻¹]_jj`` of every weight under its
+    cluster's (dampened) curvature ``C_c`` — on one scale, since the curvatures are (see
+    :func:`mix_hessians`) — the lowest ``round(sparsity · numel)`` over the whole layer."""
+    from ..linalg import damped
+    from ..masks import prune_lowest
+
+    clusters = curvature.shape[0]
+    size = weight.shape[0] // clusters
+    inv_diag = torch.diagonal(torch.linalg.inv(damped(curvature.to(torch.float64), dampening)), dim1=-2, dim2=-1)
+    w = weight.to(torch.float64).reshape(clusters, size, -1)
+    saliency = w.square() / inv_diag.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
+    keep = prune_lowest(saliency, int(round(sparsity * weight.numel())))
+    pruned = (~keep).reshape(clusters, -1).sum(dim=1)
+    per = size * weight.shape[1]
+    return [Pattern(sparsity=min(float(k) / per, 1.0 - 1.0 / per)) for k in pruned.tolist()]
+
+
+def cluster_quadratic_error(weight: torch.Tensor, pruned: torch.Tensor, curvature: torch.Tensor) -> float:
+    """``Σ_c tr(Δ_c C_c Δ_cᵀ)`` over the row blocks of a ``(C, d, d)`` curvature (2-D: one block)."""
+    if curvature.dim() == 2:
+        return quadratic_error(weight, pruned, curvature)
+    size = weight.shape[0] // curvature.shape[0]
+    return sum(quadratic_error(weight[c * size:(c + 1) * size], pruned[c * size:(c + 1) * size], curvature[c])
+               for c in range(curvature.shape[0]))
 
 
 def quadratic_error(weight: torch.Tensor, pruned: torch.Tensor, curvature: torch.Tensor) -> float:
@@ -53,7 +117,7 @@ def quadratic_error(weight: torch.Tensor, pruned: torch.Tensor, curvature: torch
 
 def mixed_objective(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor, alpha: float) -> float:
     """``f_mix`` of ``pruned`` (the quantity MOONSHOT minimises)."""
-    return quadratic_error(weight, pruned, mix_hessians(hessian, fisher, min(alpha, 1.0 - 1e-12) if alpha >= 1 else alpha))
+    return cluster_quadratic_error(weight, pruned, mix_hessians(hessian, fisher, min(alpha, 1.0 - 1e-12) if alpha >= 1 else alpha))
 
 
 def moonshot_prune(
@@ -69,14 +133,18 @@ def moonshot_prune(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the ``base`` pruner on ``H_mix``; returns ``(W_hat, mask)``.
 
-    ``fisher`` is a shared ``d_in × d_in`` curvature; ``weight_fisher`` a per-weight diagonal shaped
+    ``fisher`` is a shared ``d_in × d_in`` curvature, or ``(C, d_in, d_in)`` for ``C`` equal
+    clusters of output rows (``fisher="row"``; see :func:`prune_row_clusters`); ``weight_fisher`` a per-weight diagonal shaped
     like ``weight`` (score-based bases only). They are told apart by name, never by shape: a square
     weight's per-weight Fisher has the Hessian's shape."""
     from . import get_pruner
 
     if weight_fisher is not None and float(alpha) < 1.0:
         return _prune_with_weight_fisher(weight, hessian, weight_fisher, pattern, float(alpha), base)
-    return get_pruner(base)(weight, mix_hessians(hessian, fisher, float(alpha)), pattern, **options)
+    curvature = mix_hessians(hessian, fisher, float(alpha))
+    if curvature.dim() == 3:
+        return prune_row_clusters(weight, curvature, pattern, base, **options)
+    return get_pruner(base)(weight, curvature, pattern, **options)
 
 
 def mixed_saliency(weight: torch.Tensor, hessian: torch.Tensor, weight_fisher: torch.Tensor, alpha: float) -> torch.Tensor:
