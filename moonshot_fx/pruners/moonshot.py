@@ -127,6 +127,7 @@ def moonshot_prune(
     *,
     fisher: torch.Tensor | None = None,
     weight_fisher: torch.Tensor | None = None,
+    kron_g: torch.Tensor | None = None,
     alpha: float = 0.75,
     base: str = "sparsegpt",
     **options: object,
@@ -135,12 +136,17 @@ def moonshot_prune(
 
     ``fisher`` is a shared ``d_in × d_in`` curvature, or ``(C, d_in, d_in)`` for ``C`` equal
     clusters of output rows (``fisher="row"``; see :func:`prune_row_clusters`); ``weight_fisher`` a per-weight diagonal shaped
-    like ``weight`` (score-based bases only). They are told apart by name, never by shape: a square
+    like ``weight`` (score-based bases only); ``kron_g`` the output factor of the Kronecker-factored
+    Fisher (``fisher="kron"``, see :mod:`.kron_moonshot`). They are told apart by name, never by shape: a square
     weight's per-weight Fisher has the Hessian's shape."""
     from . import get_pruner
 
     if weight_fisher is not None and float(alpha) < 1.0:
         return _prune_with_weight_fisher(weight, hessian, weight_fisher, pattern, float(alpha), base)
+    if kron_g is not None and fisher is not None and float(alpha) < 1.0:
+        from .kron_moonshot import kron_prune
+
+        return kron_prune(weight, hessian, fisher, kron_g, pattern, float(alpha), base, **options)
     curvature = mix_hessians(hessian, fisher, float(alpha))
     if curvature.dim() == 3:
         return prune_row_clusters(weight, curvature, pattern, base, **options)
