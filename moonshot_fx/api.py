@@ -291,7 +291,7 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
         row_weights, sample_fishers, _ = collect_gradients(
             captured, sites, norm, kind=cfg.fisher, loss_fn=fisher_loss(cfg, loss_fn), clusters=clusters,
             progress=_progress(progress, "gradients", len(norm)))
-        if cfg.fisher not in ("token", "row"):
+        if cfg.fisher not in ("token", "row", "kron"):
             row_weights = None  # sample / weight kinds: the Fisher itself is in sample_fishers
         timings["gradients"] = time.perf_counter() - t
         if cfg.alpha == "auto":

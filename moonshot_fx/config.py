@@ -89,7 +89,7 @@ def parse_pattern(value: PatternLike) -> Pattern:
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "optima", "moonshot")
 BASES = ("magnitude", "wanda", "sparsegpt", "optima")
-FISHER_KINDS = ("auto", "token", "row", "sample", "weight")
+FISHER_KINDS = ("auto", "token", "row", "kron", "sample", "weight")
 #: where the Fisher pass takes its labels from
 FISHER_LABELS = ("data", "model")
 SEQUENTIAL_UNITS = ("auto", "block", "group")
@@ -124,8 +124,10 @@ class SparsifyConfig:
             ``"weight"`` (the per-weight diagonal Σ_t δ_ti² x_tj², not shared across output rows;
             MOONSHOT-Wanda/magnitude only), ``"row"`` (the token Fisher per cluster of output
             rows, ``F_c = Xᵀdiag(Σ_{i∈c} δ_ti²)X``, clusters set by ``row_clusters``; for
-            Wanda/magnitude bases it is the per-weight diagonal, which is already per row), or
-            ``"auto"``: sample-level for convolutional models, otherwise per-weight for
+            Wanda/magnitude bases it is the per-weight diagonal, which is already per row),
+            ``"kron"`` (Kronecker-factored ``G ⊗ F``, ``G = Σ_t ‖x_t‖² δ_tδ_tᵀ``: rows coupled;
+            the mask from the row-shared mix, then an exact re-solve of all rows together; see
+            :mod:`moonshot_fx.pruners.kron_moonshot`), or ``"auto"``: sample-level for convolutional models, otherwise per-weight for
             Wanda/magnitude bases and token-level for the others.
         row_clusters: output-row clusters of ``fisher="row"``: ``"heads"`` (one per attention
             head where the graph splits a projection's output into heads, else one) or an

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.errors import CalibrationError
-from moonshot_fx.stats import (LayerStats, accumulate_hessian, input_rows, output_rows, sample_fisher, squared_row_norms,
+from moonshot_fx.stats import (LayerStats, accumulate_hessian, input_rows, kron_output_factor, output_rows, sample_fisher, squared_row_norms,
                                token_fisher,
                                weight_fisher_diagonal)
 
@@ -174,7 +174,9 @@ def collect_gradients(
 
     ``row_weights[site][b]`` are ``‖δ_t‖²`` for the rows of batch ``b`` (token kind), or
     ``(rows, C)`` with ``Σ_{i∈c} δ_ti²`` for the ``clusters[site] = C`` equal blocks of output
-    rows (row kind; experts and sites missing from ``clusters`` get ``C = 1``);
+    rows (row kind; experts and sites missing from ``clusters`` get ``C = 1``); the kron kind
+    gives the token kind's ``row_weights`` and, in ``sample_fisher[site]``, the Kronecker output
+    factor ``G = Σ_t ‖x_t‖² δ_t δ_tᵀ`` (``d_out × d_out``; expert slices: their token Fisher);
     ``sample_fisher[site]`` is ``Σ_k G_kᵀG_k`` over all samples (sample kind, fp32), or the
     per-weight diagonal ``Σ_t δ_ti² x_tj²`` shaped like the weight matrix (weight kind).
     With the default loss the backward runs ``micro_batch`` samples at a time, so the memory of
@@ -234,7 +236,7 @@ def collect_gradients(
                         per_site.setdefault(site.name, []).append((inputs[(name, site.name)][0], d))
                 for site in sites:
                     pairs = per_site.get(site.name, [])
-                    if kind in ("token", "row") and site.slice_index is not None:
+                    if kind in ("token", "row", "kron") and site.slice_index is not None:
                         # an expert's rows are the tokens routed to it, which pruning earlier layers
                         # changes (sequential mode): its token Fisher is formed here, on the dense model
                         for x, d in pairs:
@@ -242,7 +244,7 @@ def collect_gradients(
                             rows = input_rows(x, site.kind, site.conv)
                             fishers[site.name] = accumulate_hessian(fishers.get(site.name), rows, w)
                             expert_rows[site.name] = expert_rows.get(site.name, 0) + rows.shape[0]
-                    elif kind in ("token", "row"):
+                    elif kind in ("token", "row", "kron"):
                         uses = batch_rows[site.name]
                         while len(uses) < len(pairs):
                             uses.append([])
@@ -252,6 +254,10 @@ def collect_gradients(
                                 uses[u].append(sq.reshape(sq.shape[0], clusters.get(site.name, 1), -1).sum(dim=2))
                             else:
                                 uses[u].append(sq.sum(dim=1))
+                        if kind == "kron":  # the output factor G = Σ_t ‖x_t‖² δ_t δ_tᵀ, reduced on the fly
+                            for x, d in pairs:
+                                g = kron_output_factor(input_rows(x, site.kind, site.conv), d)
+                                fishers[site.name] = fishers[site.name].add_(g) if site.name in fishers else g
                     elif kind == "weight":
                         for x, d in pairs:
                             upd = weight_fisher_diagonal(input_rows(x, site.kind, site.conv), d)
@@ -269,7 +275,7 @@ def collect_gradients(
                 inputs.clear()
                 outputs.clear()
                 del grads
-            if kind in ("token", "row"):  # per batch: uses in graph order, each over all its samples
+            if kind in ("token", "row", "kron"):  # per batch: uses in graph order, each over all its samples
                 for site in plain:
                     row_weights[site.name].append(torch.cat([torch.cat(parts) for parts in batch_rows[site.name]]))
     finally:
