@@ -133,6 +133,10 @@ class SparsifyConfig:
             head where the graph splits a projection's output into heads, else one) or an
             integer ``k`` (``k`` equal blocks of rows for every site). See
             :mod:`moonshot_fx.passes.row_clusters`.
+        kron_max_width: ``fisher="kron"`` is used on sites whose ``d_out`` and ``d_in`` are both
+            at most this (its cost grows with ``d_out³ + d_in³`` per site and ``rows·d_out²`` in
+            the backward: on SmolLM2 the attention projections, not the 1536-wide MLP); wider
+            sites get the token form. See docs/method.md (cost model).
         fisher_labels: the labels of the Fisher pass: ``"data"`` (the calibration text's own
             next tokens / labels: the empirical Fisher) or ``"model"`` (sampled from the dense
             model's own predictive distribution: a one-sample estimate of the true Fisher, which
@@ -181,6 +185,7 @@ class SparsifyConfig:
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     fisher: str = "auto"
     row_clusters: Union[int, str] = "heads"
+    kron_max_width: int = 1024
     fisher_labels: str = "data"
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
@@ -212,6 +217,8 @@ class SparsifyConfig:
             raise ConfigError(f"unknown fisher kind {self.fisher!r}: choose one of {', '.join(FISHER_KINDS)}.")
         if not (self.row_clusters == "heads" or (isinstance(self.row_clusters, int) and self.row_clusters >= 1)):
             raise ConfigError(f"row_clusters must be 'heads' or a positive integer, got {self.row_clusters!r}")
+        if int(self.kron_max_width) < 1:
+            raise ConfigError(f"kron_max_width must be a positive integer, got {self.kron_max_width!r}")
         if self.fisher_labels not in FISHER_LABELS:
             raise ConfigError(f"unknown fisher_labels {self.fisher_labels!r}: choose 'data' or 'model'.")
         if self.method == "moonshot" and self.fisher == "weight" and self.base not in ("wanda", "magnitude"):

@@ -131,5 +131,13 @@ def test_kron_end_to_end_is_valid_and_differs_from_the_token_form(sequential: bo
             assert check_pattern(m.get_parameter(s.name).detach(), parse_pattern("2:4"))
         assert m.moonshot_report.config["fisher"] == fisher
         out[fisher] = m.get_parameter("model.layers.0.self_attn.q_proj.weight").detach().clone()
+        if fisher == "kron":
+            assert len(m.moonshot_report.kron_sites) == len(m.moonshot_report.sites) == 14
+    narrow = tiny_llama()  # kron only where both sides are ≤ 64: q/k/v/o (64, 32 wide), not the MLP (128)
+    moonshot_fx.sparsify(narrow, calibration=cal, sparsity="2:4", method="moonshot", alpha=0.5, fisher="kron",
+                         sequential=sequential, kron_max_width=64)
+    assert sorted({n.split(".")[-2] for n in narrow.moonshot_report.kron_sites}) == ["k_proj", "o_proj", "q_proj",
+                                                                                    "v_proj"]
+    assert torch.equal(narrow.get_parameter("model.layers.0.self_attn.q_proj.weight"), out["kron"])
     assert torch.equal(out["token"] != 0, out["kron"] != 0)  # the mask comes from the row-shared mix
     assert not torch.equal(out["token"], out["kron"])  # the kept weights are re-solved with rows coupled
