@@ -131,7 +131,7 @@ def parse_method(label: str) -> MethodSpec:
             opts["alpha"] = "auto"
         elif p.startswith("a"):
             opts["alpha"] = float(p[1:])
-        elif p in ("token", "row", "sample", "weight"):
+        elif p in ("token", "row", "kron", "sample", "weight"):
             opts["fisher"] = p
         elif p == "tf":  # the true Fisher: labels drawn from the dense model
             opts["fisher_labels"] = "model"

@@ -290,8 +290,11 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
             report.row_clusters = {k: v for k, v in clusters.items() if v > 1}
         row_weights, sample_fishers, _ = collect_gradients(
             captured, sites, norm, kind=cfg.fisher, loss_fn=fisher_loss(cfg, loss_fn), clusters=clusters,
+            kron_max_width=cfg.kron_max_width,
             progress=_progress(progress, "gradients", len(norm)))
-        if cfg.fisher not in ("token", "row"):
+        if cfg.fisher == "kron":
+            report.kron_sites = [s.name for s in sites if s.slice_index is None and s.name in sample_fishers]
+        if cfg.fisher not in ("token", "row", "kron"):
             row_weights = None  # sample / weight kinds: the Fisher itself is in sample_fishers
         timings["gradients"] = time.perf_counter() - t
         if cfg.alpha == "auto":

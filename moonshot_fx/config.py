@@ -89,7 +89,7 @@ def parse_pattern(value: PatternLike) -> Pattern:
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "optima", "moonshot")
 BASES = ("magnitude", "wanda", "sparsegpt", "optima")
-FISHER_KINDS = ("auto", "token", "row", "sample", "weight")
+FISHER_KINDS = ("auto", "token", "row", "kron", "sample", "weight")
 #: where the Fisher pass takes its labels from
 FISHER_LABELS = ("data", "model")
 SEQUENTIAL_UNITS = ("auto", "block", "group")
@@ -124,13 +124,19 @@ class SparsifyConfig:
             ``"weight"`` (the per-weight diagonal Σ_t δ_ti² x_tj², not shared across output rows;
             MOONSHOT-Wanda/magnitude only), ``"row"`` (the token Fisher per cluster of output
             rows, ``F_c = Xᵀdiag(Σ_{i∈c} δ_ti²)X``, clusters set by ``row_clusters``; for
-            Wanda/magnitude bases it is the per-weight diagonal, which is already per row), or
-            ``"auto"``: sample-level for convolutional models, otherwise per-weight for
+            Wanda/magnitude bases it is the per-weight diagonal, which is already per row),
+            ``"kron"`` (Kronecker-factored ``G ⊗ F``, ``G = Σ_t ‖x_t‖² δ_tδ_tᵀ``: rows coupled;
+            the mask from the row-shared mix, then an exact re-solve of all rows together; see
+            :mod:`moonshot_fx.pruners.kron_moonshot`), or ``"auto"``: sample-level for convolutional models, otherwise per-weight for
             Wanda/magnitude bases and token-level for the others.
         row_clusters: output-row clusters of ``fisher="row"``: ``"heads"`` (one per attention
             head where the graph splits a projection's output into heads, else one) or an
             integer ``k`` (``k`` equal blocks of rows for every site). See
             :mod:`moonshot_fx.passes.row_clusters`.
+        kron_max_width: ``fisher="kron"`` is used on sites whose ``d_out`` and ``d_in`` are both
+            at most this (its cost grows with ``d_out³ + d_in³`` per site and ``rows·d_out²`` in
+            the backward: on SmolLM2 the attention projections, not the 1536-wide MLP); wider
+            sites get the token form. See docs/method.md (cost model).
         fisher_labels: the labels of the Fisher pass: ``"data"`` (the calibration text's own
             next tokens / labels: the empirical Fisher) or ``"model"`` (sampled from the dense
             model's own predictive distribution: a one-sample estimate of the true Fisher, which
@@ -179,6 +185,7 @@ class SparsifyConfig:
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     fisher: str = "auto"
     row_clusters: Union[int, str] = "heads"
+    kron_max_width: int = 1024
     fisher_labels: str = "data"
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
@@ -210,6 +217,8 @@ class SparsifyConfig:
             raise ConfigError(f"unknown fisher kind {self.fisher!r}: choose one of {', '.join(FISHER_KINDS)}.")
         if not (self.row_clusters == "heads" or (isinstance(self.row_clusters, int) and self.row_clusters >= 1)):
             raise ConfigError(f"row_clusters must be 'heads' or a positive integer, got {self.row_clusters!r}")
+        if int(self.kron_max_width) < 1:
+            raise ConfigError(f"kron_max_width must be a positive integer, got {self.kron_max_width!r}")
         if self.fisher_labels not in FISHER_LABELS:
             raise ConfigError(f"unknown fisher_labels {self.fisher_labels!r}: choose 'data' or 'model'.")
         if self.method == "moonshot" and self.fisher == "weight" and self.base not in ("wanda", "magnitude"):

@@ -56,6 +56,9 @@ class SparsityReport:
     alpha_search: dict[str, float] = field(default_factory=dict)
     #: fisher="row": sites whose Fisher was clustered over output rows → clusters (others: 1)
     row_clusters: dict[str, int] = field(default_factory=dict)
+    #: fisher="kron": the sites pruned against the Kronecker-factored curvature (the others,
+    #: wider than ``kron_max_width``, used the token form)
+    kron_sites: list[str] = field(default_factory=list)
     sequential: bool = False
     capture_method: str = ""
     #: BatchNorm layers whose running statistics were re-estimated after pruning

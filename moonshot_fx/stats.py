@@ -176,6 +176,12 @@ def sample_fisher(rows: torch.Tensor, grad_rows: torch.Tensor, samples: int) -> 
     return torch.einsum("koi,koj->ij", g, g)
 
 
+def kron_output_factor(rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
+    """``Σ_t ‖x_t‖² δ_t δ_tᵀ`` (d_out × d_out) for one batch: tracing the inputs out of the token
+    Fisher ``Σ_t (δ_t δ_tᵀ) ⊗ (x_t x_tᵀ)`` (``fisher="kron"``; fp64, accumulated by the caller)."""
+    return accumulate_hessian(None, grad_rows, squared_row_norms([rows])[0])
+
+
 def weight_fisher_diagonal(rows: torch.Tensor, grad_rows: torch.Tensor) -> torch.Tensor:
     """``Σ_t δ_ti² x_tj²`` (out, in): the diagonal of the token-level empirical Fisher of every
     single weight, ``E[(∂L/∂W_ij)²]`` with one gradient per row ``t``, not shared across rows."""

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -18,7 +19,7 @@ import torch.fx as fx
 
 from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.errors import CalibrationError
-from moonshot_fx.stats import (LayerStats, accumulate_hessian, input_rows, output_rows, sample_fisher, squared_row_norms,
+from moonshot_fx.stats import (LayerStats, accumulate_hessian, input_rows, kron_output_factor, output_rows, sample_fisher, squared_row_norms,
                                token_fisher,
                                weight_fisher_diagonal)
 
@@ -159,6 +160,11 @@ def split_batch(args: tuple[Any, ...], kwargs: dict[str, Any], size: int) -> lis
     return out
 
 
+def _kron_fits(site: Site, limit: int | None) -> bool:
+    d_out, d_in = site.shape[0], math.prod(site.shape[1:])
+    return limit is None or max(d_out, d_in) <= limit
+
+
 def collect_gradients(
     captured: CapturedGraph,
     sites: Sequence[Site],
@@ -168,13 +174,17 @@ def collect_gradients(
     loss_fn: LossFn | None = None,
     micro_batch: int = 1,
     clusters: dict[str, int] | None = None,
+    kron_max_width: int | None = None,
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda x: x,
 ) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor], float]:
     """Backward passes of the loss; returns ``(row_weights, sample_fisher, mean_loss)``.
 
     ``row_weights[site][b]`` are ``‖δ_t‖²`` for the rows of batch ``b`` (token kind), or
     ``(rows, C)`` with ``Σ_{i∈c} δ_ti²`` for the ``clusters[site] = C`` equal blocks of output
-    rows (row kind; experts and sites missing from ``clusters`` get ``C = 1``);
+    rows (row kind; experts and sites missing from ``clusters`` get ``C = 1``); the kron kind
+    gives the token kind's ``row_weights`` and, in ``sample_fisher[site]``, the Kronecker output
+    factor ``G = Σ_t ‖x_t‖² δ_t δ_tᵀ`` (``d_out × d_out``; expert slices: their token Fisher; not
+    gathered for a site wider than ``kron_max_width`` in either dimension);
     ``sample_fisher[site]`` is ``Σ_k G_kᵀG_k`` over all samples (sample kind, fp32), or the
     per-weight diagonal ``Σ_t δ_ti² x_tj²`` shaped like the weight matrix (weight kind).
     With the default loss the backward runs ``micro_batch`` samples at a time, so the memory of
@@ -234,7 +244,7 @@ def collect_gradients(
                         per_site.setdefault(site.name, []).append((inputs[(name, site.name)][0], d))
                 for site in sites:
                     pairs = per_site.get(site.name, [])
-                    if kind in ("token", "row") and site.slice_index is not None:
+                    if kind in ("token", "row", "kron") and site.slice_index is not None:
                         # an expert's rows are the tokens routed to it, which pruning earlier layers
                         # changes (sequential mode): its token Fisher is formed here, on the dense model
                         for x, d in pairs:
@@ -242,7 +252,7 @@ def collect_gradients(
                             rows = input_rows(x, site.kind, site.conv)
                             fishers[site.name] = accumulate_hessian(fishers.get(site.name), rows, w)
                             expert_rows[site.name] = expert_rows.get(site.name, 0) + rows.shape[0]
-                    elif kind in ("token", "row"):
+                    elif kind in ("token", "row", "kron"):
                         uses = batch_rows[site.name]
                         while len(uses) < len(pairs):
                             uses.append([])
@@ -252,6 +262,10 @@ def collect_gradients(
                                 uses[u].append(sq.reshape(sq.shape[0], clusters.get(site.name, 1), -1).sum(dim=2))
                             else:
                                 uses[u].append(sq.sum(dim=1))
+                        if kind == "kron" and _kron_fits(site, kron_max_width):  # the output factor G = Σ_t ‖x_t‖² δ_t δ_tᵀ, reduced on the fly
+                            for x, d in pairs:
+                                g = kron_output_factor(input_rows(x, site.kind, site.conv), d)
+                                fishers[site.name] = fishers[site.name].add_(g) if site.name in fishers else g
                     elif kind == "weight":
                         for x, d in pairs:
                             upd = weight_fisher_diagonal(input_rows(x, site.kind, site.conv), d)
@@ -269,7 +283,7 @@ def collect_gradients(
                 inputs.clear()
                 outputs.clear()
                 del grads
-            if kind in ("token", "row"):  # per batch: uses in graph order, each over all its samples
+            if kind in ("token", "row", "kron"):  # per batch: uses in graph order, each over all its samples
                 for site in plain:
                     row_weights[site.name].append(torch.cat([torch.cat(parts) for parts in batch_rows[site.name]]))
     finally:

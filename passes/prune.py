@@ -99,8 +99,10 @@ def prune_group(
         if config.method == "moonshot":
             if mixed is None:  # else H_mix already: the base pruner runs on it as is
                 fisher = None
-                if config.fisher == "token" and site.name in stats.fisher:
+                if config.fisher in ("token", "kron") and site.name in stats.fisher:
                     fisher = stats.mean_fisher(site.name)
+                    if config.fisher == "kron" and sample_fishers and site.name in sample_fishers:
+                        options["kron_g"] = sample_fishers[site.name]  # the output factor G (d_out²)
                 elif sample_fishers is not None and site.name in sample_fishers:
                     fisher = sample_fishers[site.name].to(torch.float32)
                 options["weight_fisher" if config.fisher == "weight" else "fisher"] = fisher
