@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Pattern
+from ..errors import ConfigError
 from ..linalg import damped, damped_cholesky, prepare_hessian
 from ..masks import nm_mask, prune_lowest
 from .optima import reoptimize_rows
@@ -56,7 +57,7 @@ def project(V: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     score = V.abs()
     if pattern.is_nm:
         return nm_mask(score, pattern.n, pattern.m)
-    return prune_lowest(score, int(round(pattern.sparsity * V.numel())))
+    return prune_lowest(score, round(pattern.sparsity * V.numel()))
 
 
 def _row_objective(W0: torch.Tensor, W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -79,6 +80,7 @@ def admm_prune(
     solver: str = "auto",
     tol: float = 1e-5,
     eig_dtype: torch.dtype = torch.float32,
+    baseline: str = "sparsegpt",
     **_: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` (out × d) against ``hessian`` (d × d) by ADMM; returns ``(Ŵ, mask)``.
@@ -101,6 +103,11 @@ def admm_prune(
     w_sg, m_sg = sparsegpt_prune(W0, hessian, pattern, blocksize=blocksize, dampening=dampening,
                                  hinv_upper=hinv_upper)
     w_sg = w_sg.to(torch.float32)
+    if baseline == "optima":  # SparseGPT's mask re-solved exactly: start and guard
+        w_sg = reoptimize_rows(W0, hessian, m_sg, start=w_sg, dampening=dampening, solver=solver,
+                               tol=tol).to(torch.float32)
+    elif baseline != "sparsegpt":
+        raise ConfigError(f"unknown ADMM baseline {baseline!r}: choose 'optima' or 'sparsegpt'.")
     rows, d = W0.shape
     if rows == 0 or d == 0:
         return w_sg.to(weight.dtype), m_sg
@@ -127,9 +134,10 @@ def admm_prune(
         mask = mask.clone()
         start = Z
     if bool(torch.equal(mask, m_sg)):
-        start = w_sg
-    w_hat = reoptimize_rows(W0, hessian, mask, start=start, dampening=dampening, solver=solver, tol=tol)
-    w_hat = w_hat.to(torch.float32)
+        w_hat = w_sg.clone()
+    else:
+        w_hat = reoptimize_rows(W0, hessian, mask, start=start, dampening=dampening, solver=solver,
+                                tol=tol).to(torch.float32)
     # guard against the warm start: never worse than SparseGPT under the (dampened) objective
     C32 = C64.to(torch.float32)
     err_new = _row_objective(W0, w_hat, C32)
