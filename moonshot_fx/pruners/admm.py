@@ -133,7 +133,7 @@ def admm_prune(
             U = V - Z
         mask = mask.clone()
         start = Z
-    if bool(torch.equal(mask, m_sg)):
+    if baseline == "optima" and bool(torch.equal(mask, m_sg)):  # already re-solved on this mask
         w_hat = w_sg.clone()
     else:
         w_hat = reoptimize_rows(W0, hessian, mask, start=start, dampening=dampening, solver=solver,
