@@ -118,7 +118,7 @@ def test_mixed_curvature_and_row_clusters() -> None:
     # per-cluster curvature (fisher="row"): one ADMM per block of rows, each a valid pattern
     f3 = torch.stack([f, correlated_layer(2)[1]])
     for sp in ("2:4", "50%"):
-        w3, m3 = prune_layer(w, mix_hessians(h, f3, 0.5), sp, method="moonshot", fisher=None, alpha=1.0, base="admm")
+        w3, _ = prune_layer(w, mix_hessians(h, f3, 0.5), sp, method="moonshot", fisher=None, alpha=1.0, base="admm")
         assert moonshot_fx.check_pattern(w3, sp)
         ref, _ = prune_row_clusters(w, mix_hessians(h, f3, 0.5), parse_pattern(sp), "admm")
         assert torch.equal(w3, ref)
