@@ -136,7 +136,7 @@ def sparsify(
         calibration: iterable of batches — a tensor, a tuple of positional inputs, or a dict of
             keyword inputs (HF style). Not needed for ``method="magnitude"``.
         sparsity: fraction in [0, 1) or ``"N:M"`` (e.g. ``"2:4"``).
-        method: ``magnitude``, ``wanda``, ``sparsegpt``, ``optima`` or ``moonshot``.
+        method: ``magnitude``, ``wanda``, ``sparsegpt``, ``optima``, ``admm`` or ``moonshot``.
         config: a full :class:`SparsifyConfig` (then ``sparsity``/``method``/``options`` are ignored).
         loss_fn: ``(output, args, kwargs) -> (batch,)`` per-sample losses for MOONSHOT's Fisher
             and ``alpha="auto"``; default (:func:`moonshot_fx.passes.losses.default_loss`):

@@ -87,14 +87,14 @@ def parse_pattern(value: PatternLike) -> Pattern:
     )
 
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "optima", "moonshot")
-BASES = ("magnitude", "wanda", "sparsegpt", "optima")
+METHODS = ("magnitude", "wanda", "sparsegpt", "optima", "admm", "moonshot")
+BASES = ("magnitude", "wanda", "sparsegpt", "optima", "admm")
 FISHER_KINDS = ("auto", "token", "row", "kron", "sample", "weight")
 #: where the Fisher pass takes its labels from
 FISHER_LABELS = ("data", "model")
 SEQUENTIAL_UNITS = ("auto", "block", "group")
 #: pruners that re-fit the kept weights (OBS updates, least squares) rather than only choosing a mask
-WEIGHT_UPDATING = ("sparsegpt", "optima")
+WEIGHT_UPDATING = ("sparsegpt", "optima", "admm")
 
 #: Mixture-of-experts routers, kept dense by default: Mixtral / Qwen2-MoE ``mlp.gate.weight``
 #: (E outputs), Qwen2-MoE's one-output ``mlp.shared_expert_gate.weight``, ``router`` modules
@@ -115,7 +115,8 @@ class SparsifyConfig:
 
     Attributes:
         sparsity: default pattern for every site (see :func:`parse_pattern`).
-        method: ``magnitude``, ``wanda``, ``sparsegpt``, ``optima`` or ``moonshot``.
+        method: ``magnitude``, ``wanda``, ``sparsegpt``, ``optima``, ``admm`` (joint mask and weight
+            optimisation, :mod:`moonshot_fx.pruners.admm`) or ``moonshot``.
         base: base pruner that ``moonshot`` wraps (ignored otherwise).
         mask_from: mask selector used by ``optima`` before its exact re-solve.
         alpha: weight of the reconstruction term in MOONSHOT's objective, in [0, 1], or ``"auto"``.

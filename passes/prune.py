@@ -82,7 +82,7 @@ def prune_group(
     # MOONSHOT's H_mix formed directly per site (sequential, token Fisher): no shared H exists
     H = stats.mean_hessian() if config.method != "magnitude" and not stats.mixed else None
     shared_u = None
-    if config.method == "sparsegpt" and H is not None and len(sites) > 1:
+    if config.method in ("sparsegpt", "admm") and H is not None and len(sites) > 1:  # admm: its warm start
         prepared, _ = prepare_hessian(H)
         shared_u = inverse_cholesky_upper(prepared, config.dampening)
     results = []

@@ -26,11 +26,18 @@ def _optima(*args: object, **kwargs: object) -> "tuple[torch.Tensor, torch.Tenso
     return optima_prune(*args, **kwargs)
 
 
+def _admm(*args: object, **kwargs: object) -> "tuple[torch.Tensor, torch.Tensor]":
+    from .admm import admm_prune
+
+    return admm_prune(*args, **kwargs)
+
+
 PRUNERS: dict[str, PrunerFn] = {
     "magnitude": magnitude_prune,
     "wanda": wanda_prune,
     "sparsegpt": sparsegpt_prune,
     "optima": _optima,
+    "admm": _admm,
     "moonshot": moonshot_prune,
 }
 
@@ -56,9 +63,10 @@ def prune_layer(
         weight: ``(out, in)`` (or a conv kernel ``(out, in, kh, kw)``, pruned on its 2-D view).
         hessian: ``(in·kh·kw, in·kh·kw)``; may be None only for ``magnitude``.
         sparsity: fraction in [0, 1), ``"50%"``, or ``"2:4"``-style N:M pattern.
-        method: ``magnitude``, ``wanda``, ``sparsegpt``, ``optima`` or ``moonshot``.
+        method: ``magnitude``, ``wanda``, ``sparsegpt``, ``optima``, ``admm`` or ``moonshot``.
         **options: ``dampening``, ``blocksize``; for ``moonshot``: ``fisher``, ``alpha``, ``base``;
-            for ``optima``: ``mask_from``.
+            for ``optima``: ``mask_from``;
+            for ``admm``: ``iterations``, ``rho0``, ``growth``, ``every``.
 
     Returns:
         ``(pruned_weight, mask)`` shaped like ``weight``; ``mask`` is True where kept.
