@@ -26,7 +26,8 @@ the ``sample`` / ``weight`` / ``kron`` Fisher kinds.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 
