@@ -15,9 +15,11 @@ from moonshot_fx import distributed
 
 transformers = pytest.importorskip("transformers")
 
+#: case → (method, options): sequential (block) mode for both methods, and the one-pass path
 METHODS = {
-    "sparsegpt": {},
-    "moonshot": {"alpha": 0.5, "fisher": "token"},
+    "sparsegpt": ("sparsegpt", {"sequential": True}),
+    "sparsegpt-one-pass": ("sparsegpt", {"sequential": False}),
+    "moonshot": ("moonshot", {"alpha": 0.5, "fisher": "token", "sequential": True}),
 }
 
 
@@ -33,12 +35,13 @@ def _batches() -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": torch.randint(0, 128, (2, 16), generator=g)} for _ in range(6)]
 
 
-def _prune(method: str) -> dict[str, torch.Tensor]:
+def _prune(case: str) -> dict[str, torch.Tensor]:
     torch.set_num_threads(1)
+    method, options = METHODS[case]
     model = _model()
     batches = _batches()
     moonshot_fx.sparsify(model, batches[0], calibration=batches, sparsity="2:4", method=method,
-                         progress=False, **METHODS[method])
+                         progress=False, **options)
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "proj" in k}
 
 
