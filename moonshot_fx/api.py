@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .config import SparsifyConfig, default_sequential_unit
 from .errors import CalibrationError, ConfigError, NoPrunableSitesError, PatternError, PatternWarning
 from .masks import check_pattern
@@ -180,6 +181,8 @@ def sparsify(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     batches = list(iter_batches(calibration, max_batches))
+    if distributed.is_distributed():
+        batches = distributed.shard(batches)  # every rank gets the full list, keeps batches[rank::world]
     check_not_meta(model, [example_inputs, *batches])
     bn_auto = cfg.recalibrate_norms is None
     if bn_auto:  # auto: re-estimate BatchNorm statistics whenever there is calibration data for it
@@ -285,6 +288,7 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
         if cfg.fisher == "row" and cfg.base in ("wanda", "magnitude"):
             cfg = cfg.replace(fisher="weight")  # the per-weight diagonal is already per row
             report.config["fisher"] = cfg.fisher
+        distributed.check_supported(cfg.method, cfg.alpha, cfg.fisher)
         t = time.perf_counter()
         clusters = row_clusters(captured.gm, sites, cfg.row_clusters) if cfg.fisher == "row" else None
         if clusters:
@@ -320,7 +324,10 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
                                  diagonal_only=needs_diagonal_only(cfg),
                                  progress=_progress(progress, "calibrate", len(flat)))
         timings["calibrate"] = time.perf_counter() - t
+        for g in sorted(stats):  # no-op in one process
+            distributed.reduce_stats(stats[g])
         results = _prune_all(model, sites, stats, cfg, sample_fishers, alpha, progress)
+        distributed.broadcast_results([results[k] for k in sorted(results)])
     timings["prune"] = time.perf_counter() - t
     return results
 

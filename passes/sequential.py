@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from moonshot_fx import distributed
 from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.errors import CalibrationError
 
@@ -53,14 +54,18 @@ def sequential_prune(
     results: dict[str, SiteResult] = {}
     mix_alpha = alpha if (config.method == "moonshot" and config.fisher in ("token", "row") and alpha is not None
                           and alpha < 1.0 and row_weights) else None
+    if distributed.is_distributed():
+        mix_alpha = None  # H_mix needs every row at once: keep H and F apart and reduce them
     collector = StatsCollector(sites, row_weights, needs_diagonal_only(config), mix_alpha=mix_alpha)
 
     def prune(group: str) -> None:
         stats = collector.stats.pop(group, None)
         if stats is None:
             raise CalibrationError(f"no calibration data reached the input of {group!r}; is it used by forward?")
+        distributed.reduce_stats(stats)  # no-op in one process
         group_results = prune_group(collector.groups[group], stats, model, config, weights=substitutes,
                                     sample_fishers=sample_fishers, alpha=alpha)
+        distributed.broadcast_results(group_results)
         for r in group_results:
             substitutes[r.name] = r.weight
             results[r.name] = r
