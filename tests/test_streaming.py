@@ -168,17 +168,21 @@ _MEMORY_CHILD = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_peak_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
-    """8 vs 16 layers of one width (≈ 13 MB of fp32 weights per layer): the peak RSS growth over
-    a warmed-up process stays within 10% (in memory it would double)."""
-    warm = _tiny_llama(tmp_path / "warm", layers=1, hidden=512, inter=1408, shard="1GB")
+    """8 vs 16 layers of one width (≈ 51 MB of fp32 weights per layer): the peak RSS growth over
+    a warmed-up process stays within 10% (in memory it would double). Measured (VmHWM after
+    clear_refs): 307 MB for 8 layers, 308 MB for 16; ~70 s in all."""
+    warm = _tiny_llama(tmp_path / "warm", layers=1, hidden=1024, inter=2816, shard="1GB")
     growth = {}
     for n in (8, 16):
-        src = _tiny_llama(tmp_path / f"l{n}", layers=n, hidden=512, inter=1408, shard="20MB")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        src = _tiny_llama(tmp_path / f"l{n}", layers=n, hidden=1024, inter=2816, shard="200MB")
+        # glibc: large blocks straight from mmap (returned on free), so the peak is the live set,
+        # not heap fragmentation (without it the peak wandered by ±70 MB from run to run)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+               "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2"}
         out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(src), str(tmp_path / f"o{n}"), str(warm)],
                              capture_output=True, text=True, env=env, check=True)
         row = json.loads(out.stdout.strip().splitlines()[-1])
         growth[n] = row["peak_kb"] - row["base_kb"]
-    layer_kb = (4 * 512 * 512 + 3 * 512 * 1408) * 4 / 1024
+    layer_kb = (2 * 1024 * 1024 + 2 * 1024 * 512 + 3 * 1024 * 2816) * 4 / 1024  # q, o; k, v (2 kv heads); mlp
     assert growth[16] <= 1.10 * growth[8], growth
-    assert growth[16] < 8 * layer_kb, growth  # far below the 16 layers an in-memory load would hold
+    assert growth[16] < 0.5 * 16 * layer_kb, growth  # far below the 16 layers an in-memory load would hold
