@@ -15,10 +15,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-import moonshot_fx  # noqa: E402
-from moonshot_fx.errors import ConfigError, MoonshotError  # noqa: E402
-from moonshot_fx.masks import check_pattern  # noqa: E402
-from moonshot_fx.streaming import UnsupportedArchitectureError  # noqa: E402
+import moonshot_fx
+from moonshot_fx.errors import ConfigError, MoonshotError
+from moonshot_fx.masks import check_pattern
+from moonshot_fx.streaming import UnsupportedArchitectureError
 
 ROOT = Path(__file__).resolve().parents[1]
 
