@@ -31,6 +31,7 @@ _LAZY = {
     "to_semi_structured": ("moonshot_fx.backends.semi_structured", "to_semi_structured"),
     "export_onnx": ("moonshot_fx.backends.onnx", "export_onnx"),
     "save_hf_directory": ("moonshot_fx.hf_export", "save_hf_directory"),
+    "sparsify_checkpoint": ("moonshot_fx.streaming", "sparsify_checkpoint"),
 }
 
 

@@ -365,6 +365,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg = SparsifyConfig(sparsity=args.sparsity, method=args.method, exclude=exclude,
                          include=tuple(args.include or ("*",)), **options)
 
+    if getattr(args, "stream", False):  # layer by layer from the safetensors shards (moonshot_fx.streaming)
+        from .streaming import prune_command
+
+        return prune_command(args, cfg)
     loaded = load_model(args.model, need_text=True, args=args)
     if args.checkpoint and loaded.user is None:
         load_checkpoint(loaded.model, args.checkpoint)
@@ -536,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="save the pruned model here (atomically): a Hugging Face directory for "
                                  "transformers models (unless it ends in .pt/.pth/.bin), else a state_dict file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--stream", action="store_true", help="Hugging Face directory of a Llama-family model: prune one "
+                   "decoder layer at a time from its safetensors shards into --out DIR (models larger than memory)")
     p.add_argument("--report", help="write the sparsity report as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_eval_args(p)

@@ -1,0 +1,442 @@
+"""Streaming pruning of a Hugging Face checkpoint larger than memory (:func:`sparsify_checkpoint`).
+
+The model is built on the ``meta`` device from its ``config.json`` (shapes only, no storage);
+then, for a Llama-family decoder (``model.embed_tokens`` / ``model.layers`` / ``model.norm`` /
+``lm_head``):
+
+1. the embedding matrix alone is read from the safetensors shards and turns the calibration
+   ``input_ids`` into hidden states, kept in **one** buffer ``(batches, B, T, hidden)`` in the
+   checkpoint's dtype; the non-layer tensors (embeddings, final norm, head) are copied to the
+   output unchanged (they are excluded from pruning by default);
+2. for each decoder layer ``i``: only the tensors ``model.layers.{i}.*`` are read (``safe_open``),
+   assigned into the meta layer, and the layer — wrapped in a module whose parameter names are
+   the full model's (``model.layers.{i}.self_attn.q_proj.weight``, so include/exclude/override
+   globs match as in memory) — goes through the ordinary :func:`moonshot_fx.sparsify` pipeline
+   (trace, discover, per-group statistics in fp32, the same pruners and sequential unit),
+   calibrated on the buffer; the buffer is then propagated through the pruned layer in place
+   (``sequential=False``: through the dense layer, as the in-memory one-pass mode calibrates
+   every layer on the dense model's activations), the layer's tensors are written to their own
+   output shard, and the layer is moved back to ``meta`` (freed).
+
+Because each layer sees exactly the inputs the in-memory sequential pass gives it, and the
+in-memory pass calibrates/prunes block by block too, the result equals in-memory sequential
+:func:`~moonshot_fx.sparsify` (tests/test_streaming.py checks the weights bit for bit on a
+three-shard tiny Llama). Memory is one layer's weights + the activation buffer + one layer's
+statistics, independent of depth.
+
+Not streamed (raise :class:`~moonshot_fx.errors.ConfigError`): ``method="moonshot"`` (its Fisher
+needs the loss gradient through every later layer, which a block-by-block pass does not have),
+``prune_head=True``, and calibration with padding (an ``attention_mask`` containing zeros).
+
+The output is a normal Hugging Face directory (dense safetensors shards with the zeros, an
+index, ``config.json`` without ``sparsity_config``/``quantization_config``, every other
+top-level file of the source such as the tokenizer and generation config, and
+``moonshot_report.json``), written into a temporary directory next to ``dst_dir`` and renamed
+into place at the end: a failure leaves no partial output, and the source is only read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+from .config import SparsifyConfig, default_sequential_unit
+from .errors import CalibrationError, ConfigError, ModelLoadError, NoPrunableSitesError
+from .hf_export import REPORT_FILE, _replace_dir, _strip_config, check_destination
+from .report import SparsityReport
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SUPPORTED_LAYOUT", "UnsupportedArchitectureError", "sparsify_checkpoint"]
+
+#: the module layout streaming needs (Llama, Mistral, Qwen2/3, SmolLM, Phi-3 ... decoders)
+SUPPORTED_LAYOUT = "model.embed_tokens / model.layers / model.rotary_emb / model.norm / lm_head"
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+
+
+class UnsupportedArchitectureError(ModelLoadError):
+    """The checkpoint's architecture is not a Llama-family decoder that can be streamed layer by layer."""
+
+
+def _shard_map(src: Path) -> dict[str, Path]:
+    """tensor name → the safetensors file holding it."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {k: src / v for k, v in weight_map.items()}
+    single = src / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {k: single for k in f.keys()}
+    raise ModelLoadError(f"{src} holds no safetensors weights (model.safetensors or model.safetensors.index.json); "
+                         "streaming reads safetensors shards only — convert the checkpoint with "
+                         "save_pretrained(safe_serialization=True) first.")
+
+
+def _read(names: Iterable[str], shards: Mapping[str, Path]) -> dict[str, torch.Tensor]:
+    """Read only ``names`` from the shards (each file opened once)."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        by_file.setdefault(shards[n], []).append(n)
+    out: dict[str, torch.Tensor] = {}
+    for path, keys in by_file.items():
+        with safe_open(str(path), framework="pt") as f:
+            for k in keys:
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def _meta_model(src: Path) -> tuple[Any, nn.Module]:
+    """The config and the model built on the meta device; raises for unsupported layouts."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as e:  # pragma: no cover - transformers is a dependency of the HF path
+        raise ModelLoadError("streaming a Hugging Face checkpoint needs transformers (pip install transformers)") from e
+    if not (src / "config.json").is_file():
+        raise ModelLoadError(f"{src} is not a Hugging Face model directory (no config.json).")
+    config = AutoConfig.from_pretrained(src)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as e:
+        raise UnsupportedArchitectureError(
+            f"{src}: {getattr(config, 'architectures', None) or config.model_type} is not a causal LM; "
+            f"streaming supports Llama-family decoders ({SUPPORTED_LAYOUT}).") from e
+    inner = getattr(model, "model", None)
+    ok = (inner is not None and all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb"))
+          and isinstance(inner.layers, nn.ModuleList) and hasattr(model, "lm_head"))
+    if not ok:
+        raise UnsupportedArchitectureError(
+            f"{src}: {type(model).__name__} does not have the Llama-family layout streaming needs "
+            f"({SUPPORTED_LAYOUT}); e.g. LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM are supported. "
+            "Prune it in memory with moonshot_fx.sparsify instead.")
+    return config, model
+
+
+class _LayerHost(nn.Module):
+    """One decoder layer under its full-model name (``model.layers.{i}``), run on a hidden state."""
+
+    def __init__(self, index: int, layer: nn.Module):
+        super().__init__()
+        self.key = str(index)
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleDict({self.key: layer})
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.model.layers[self.key](hidden, attention_mask=mask, position_embeddings=(cos, sin))
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _token_batches(calibration: Iterable[Any] | None, max_batches: int | None) -> list[torch.Tensor]:
+    """Calibration batches as ``input_ids`` tensors of one shape."""
+    ids: list[torch.Tensor] = []
+    for i, b in enumerate(calibration or []):
+        if max_batches is not None and i >= max_batches:
+            break
+        if isinstance(b, Mapping):
+            if "input_ids" not in b:
+                raise CalibrationError("a streaming calibration batch must be input_ids or a dict with 'input_ids'.")
+            mask = b.get("attention_mask")
+            if mask is not None and not bool(torch.as_tensor(mask).bool().all()):
+                raise ConfigError("streaming calibration does not take padding (attention_mask with zeros); "
+                                  "give full windows of one length.")
+            b = b["input_ids"]
+        t = torch.as_tensor(b)
+        if t.dim() == 1:
+            t = t.unsqueeze(0)
+        if t.dim() != 2 or t.dtype.is_floating_point:
+            raise CalibrationError(f"calibration input_ids must be integer (batch, seq) tensors; got {tuple(t.shape)} "
+                                   f"{t.dtype}.")
+        ids.append(t)
+    if ids and any(t.shape != ids[0].shape for t in ids):
+        raise CalibrationError("streaming keeps calibration activations in one buffer: give batches of one shape "
+                               f"(got {sorted({tuple(t.shape) for t in ids})}).")
+    return ids
+
+
+def _make_config(sparsity: Any, method: str, options: Mapping[str, Any]) -> SparsifyConfig:
+    unknown = set(options) - {f.name for f in dataclasses.fields(SparsifyConfig)}
+    if unknown:
+        raise ConfigError(f"unknown sparsify option(s) {sorted(unknown)}; valid options: "
+                          f"{sorted(f.name for f in dataclasses.fields(SparsifyConfig))}")
+    cfg = SparsifyConfig(sparsity=sparsity, method=method, **options)
+    if cfg.method == "moonshot":
+        raise ConfigError("method='moonshot' is not available in streaming mode: its Fisher needs the loss gradient "
+                          "back through every later layer, which a layer-by-layer pass does not hold. Stream with "
+                          "method='sparsegpt', 'optima', 'wanda' or 'magnitude', or prune in memory with "
+                          "moonshot_fx.sparsify.")
+    return cfg.replace(sequential_unit=default_sequential_unit(cfg))
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """config.json (stripped) and every other top-level non-weight file (tokenizer, generation config …)."""
+    for p in sorted(src.iterdir()):
+        if not p.is_file() or p.name == REPORT_FILE or p.name.endswith(_WEIGHT_SUFFIXES):
+            continue
+        shutil.copy2(p, dst / p.name)
+    _strip_config(dst / "config.json")
+
+
+def sparsify_checkpoint(
+    src_dir: str | os.PathLike[str],
+    dst_dir: str | os.PathLike[str],
+    calibration: Iterable[Any] | None = None,
+    sparsity: Any = 0.5,
+    method: str = "sparsegpt",
+    *,
+    max_batches: int | None = None,
+    overwrite: bool = False,
+    extra: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> SparsityReport:
+    """Prune the Hugging Face checkpoint in ``src_dir`` one decoder layer at a time into ``dst_dir``.
+
+    Peak memory is about one decoder layer (in the checkpoint's dtype, plus its fp32 statistics)
+    plus the calibration activations, whatever the depth; see the module docstring.
+
+    Args:
+        src_dir: a Hugging Face directory with ``config.json`` and safetensors weights (one file or
+            shards with ``model.safetensors.index.json``) of a Llama-family causal LM. Only read.
+        dst_dir: the output directory (must not exist unless ``overwrite``); created atomically.
+        calibration: batches of token ids — ``(B, T)`` integer tensors or dicts with
+            ``input_ids`` (and an all-ones ``attention_mask``), all of one shape. Not needed for
+            ``method="magnitude"`` (one random window is used for tracing then).
+        sparsity: fraction in [0, 1) or ``"N:M"``.
+        method: ``magnitude``, ``wanda``, ``sparsegpt`` or ``optima`` (``moonshot``: ConfigError).
+        max_batches: use at most this many calibration batches.
+        overwrite: replace an existing ``dst_dir`` (only once the new directory is complete).
+        extra: entries added at the top level of ``moonshot_report.json``.
+        **options: any other :class:`SparsifyConfig` field, as for :func:`moonshot_fx.sparsify`
+            (``sequential`` defaults to True here, as in memory for any model of 8+ sites).
+
+    Returns:
+        The :class:`SparsityReport` (also written to ``dst_dir/moonshot_report.json``), with
+        ``timings`` per phase (``load``, ``prune``, ``propagate``, ``write``, ``embed``, ``total``).
+
+    Raises:
+        UnsupportedArchitectureError (a :class:`ModelLoadError`): not a Llama-family decoder.
+        ModelLoadError, ConfigError, CalibrationError, PatternError, SaveError, NoPrunableSitesError
+        — all :class:`~moonshot_fx.errors.MoonshotError`; ``dst_dir`` is not created on failure.
+    """
+    from .api import sparsify
+
+    t_start = time.perf_counter()
+    src = Path(src_dir).expanduser().resolve()
+    dest = check_destination(dst_dir, overwrite)
+    if dest.resolve() == src or src in dest.resolve().parents:
+        raise ConfigError(f"dst_dir {dst_dir} is (inside) the source {src}; the source is never modified, "
+                          "choose another directory.")
+    cfg = _make_config(sparsity, method, options)
+    if cfg.sequential is None:
+        cfg = cfg.replace(sequential=True)
+    ids = _token_batches(calibration, max_batches)
+    if not ids and cfg.method != "magnitude":
+        raise CalibrationError(f"method {cfg.method!r} needs calibration data; pass calibration=[input_ids, ...].")
+    config, meta = _meta_model(src)
+    shards = _shard_map(src)
+    n_layers = len(meta.model.layers)
+    per_layer: list[list[str]] = [[] for _ in range(n_layers)]
+    others: list[str] = []
+    for name in shards:
+        m = _LAYER_KEY.match(name)
+        (per_layer[int(m.group(1))] if m and int(m.group(1)) < n_layers else others).append(name)
+    if not ids:  # magnitude: one window of token 0 only to trace each layer
+        ids = [torch.zeros(1, 8, dtype=torch.long)]
+    timings = {"load": 0.0, "prune": 0.0, "propagate": 0.0, "write": 0.0}
+    report = SparsityReport(config=cfg.to_dict(), sequential=bool(cfg.sequential) and cfg.method != "magnitude")
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        from safetensors.torch import save_file
+
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        n_files = n_layers + 1
+        fname = "model-{:05d}-of-{:05d}.safetensors".format
+        weight_map: dict[str, str] = {}
+        total_size = 0
+
+        def write(tensors: dict[str, torch.Tensor], k: int) -> None:
+            nonlocal total_size
+            t = time.perf_counter()
+            body = {n: v.detach().contiguous() for n, v in tensors.items()}
+            save_file(body, str(tmp / fname(k, n_files)), metadata={"format": "pt"})
+            for n, v in body.items():
+                weight_map[n] = fname(k, n_files)
+                total_size += v.numel() * v.element_size()
+            timings["write"] += time.perf_counter() - t
+
+        # 1. embeddings → the activation buffer; non-layer tensors copied as they are
+        t = time.perf_counter()
+        rest = _read(others, shards)
+        emb_name = "model.embed_tokens.weight"
+        if emb_name not in rest:
+            raise ModelLoadError(f"{src} has no {emb_name} tensor; is it a complete {type(meta).__name__} checkpoint?")
+        emb = rest[emb_name]
+        dtype = emb.dtype
+        buf = torch.empty((len(ids), *ids[0].shape, emb.shape[1]), dtype=dtype)
+        for i, x in enumerate(ids):
+            buf[i] = torch.nn.functional.embedding(x, emb)
+        del emb
+        timings["embed"] = time.perf_counter() - t
+        write(rest, n_files)
+        for name in rest:
+            report.skipped[name] = "not a decoder-layer weight (embeddings, final norm, head): copied unchanged"
+        del rest
+        rotary = type(meta.model.rotary_emb)(config=config)
+        positions = torch.arange(ids[0].shape[1]).unsqueeze(0)
+        cos, sin = rotary(buf[0], position_ids=positions)
+        mask = _causal_mask(config, buf[0], positions)
+        extra_in = () if mask is None else (mask,)
+
+        # 2. the decoder layers, one at a time
+        pruned_any = False
+        for li in range(n_layers):
+            t = time.perf_counter()
+            layer = meta.model.layers[li]
+            prefix = f"model.layers.{li}."
+            state = _read(per_layer[li], shards)
+            local = {k[len(prefix):]: v for k, v in state.items()}
+            missing = [n for n, p in layer.state_dict().items() if n not in local]
+            if missing:
+                raise ModelLoadError(f"{src}: layer {li} lacks {missing[:4]} in the safetensors shards.")
+            layer.load_state_dict({k: v for k, v in local.items() if k in layer.state_dict()}, strict=True, assign=True)
+            host = _LayerHost(li, layer).eval()
+            dense = {k: v.clone() for k, v in state.items()} if not cfg.sequential else None
+            timings["load"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            batches = [(buf[i], cos, sin, *extra_in) for i in range(len(ids))]
+            try:
+                sparsify(host, batches[0], calibration=batches if cfg.method != "magnitude" else [],
+                         config=cfg, progress=False)
+            except NoPrunableSitesError:
+                host.moonshot_report = None  # type: ignore[assignment]  # the globs select nothing here
+            timings["prune"] += time.perf_counter() - t
+            r = host.moonshot_report
+            if r is not None:
+                pruned_any = True
+                report.sites.extend(r.sites)
+                report.skipped.update(r.skipped)
+                report.capture_method = report.capture_method or r.capture_method
+                for k, v in r.timings.items():
+                    if k != "total":
+                        timings[f"sparsify.{k}"] = timings.get(f"sparsify.{k}", 0.0) + v
+            new_state = {prefix + k: v for k, v in layer.state_dict().items()}
+            out_state = {**state, **new_state}  # keeps any tensor the module does not hold
+            del state
+            if cfg.method != "magnitude" and li < n_layers - 1:
+                t = time.perf_counter()
+                if dense is not None:  # one-pass mode: later layers see the dense model's activations
+                    layer.load_state_dict({k[len(prefix):]: v for k, v in dense.items() if k[len(prefix):] in local},
+                                          assign=True)
+                with torch.no_grad():
+                    for i in range(len(ids)):
+                        buf[i] = host(buf[i], cos, sin, *extra_in)
+                timings["propagate"] += time.perf_counter() - t
+            del dense, local
+            write(out_state, li + 1)
+            del out_state, new_state, batches, host
+            layer.to("meta")  # free this layer's storage
+            _release_memory()
+        if not pruned_any:
+            raise NoPrunableSitesError("no decoder-layer weight was selected by include/exclude; nothing to prune.")
+        del buf
+
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        _copy_side_files(src, tmp)
+        timings["total"] = time.perf_counter() - t_start
+        report.timings = timings
+        body = json.loads(report.to_json())
+        body.update({"streaming": True, "source": str(src), "layers": n_layers})
+        body.update(extra or {})
+        (tmp / REPORT_FILE).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("streamed %d layers of %s into %s: %s", n_layers, src, dest, report)
+    return report
+
+
+def _release_memory() -> None:
+    """Collect the reference cycles a traced layer leaves (exported graphs, fake-tensor state) and
+    hand freed heap pages back to the OS (glibc ``malloc_trim``): without it, the resident set
+    grew by ~5 MB per layer on a width-512 Llama (measured); with it, it stays flat."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
+def _causal_mask(config: Any, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    """The mask the full model would pass its layers for unpadded windows (None for SDPA's
+    ``is_causal`` path), built by transformers' own ``create_causal_mask``."""
+    try:
+        from transformers.masking_utils import create_causal_mask
+    except ImportError:  # pragma: no cover - older transformers
+        return None
+    try:
+        return create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None, cache=None,
+                                  position_ids=positions)
+    except TypeError:  # pragma: no cover - older signature (past_key_values)
+        return create_causal_mask(config=config, input_embeds=embeds, attention_mask=None, cache_position=positions[0],
+                                  past_key_values=None, position_ids=positions)
+
+
+def prune_command(args: Any, cfg: SparsifyConfig) -> int:
+    """``moonshot-fx prune --model DIR --stream --out DIR``: tokenize the calibration text with the
+    directory's tokenizer (or ``--tokenizer``) and call :func:`sparsify_checkpoint`."""
+    import shlex
+
+    from transformers import AutoTokenizer
+
+    from .data import calibration_windows, load_text
+    from .user_data import read_text_file, token_stream
+
+    if not args.out:
+        raise ConfigError("--stream writes the pruned checkpoint to disk: give --out DIR.")
+    if args.eval or args.prune_head:
+        raise ConfigError("--stream does not take --eval or --prune-head; evaluate the output directory with "
+                          "`moonshot-fx eval --model OUT` afterwards.")
+    src = Path(args.model).expanduser()
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or src)
+    text = read_text_file(args.calibration) if args.calibration else load_text("wikitext2_valid")
+    seqlen = args.seqlen or 512
+    ids = token_stream(tokenizer, text, source=str(args.calibration or "wikitext2 valid"), need=seqlen)
+    windows = calibration_windows(ids, args.calib_windows or 32, min(seqlen, ids.numel()), seed=args.seed)
+    batch = args.batch_size or 4
+    calib = list(windows.split(max(d for d in range(1, min(batch, len(windows)) + 1) if len(windows) % d == 0)))
+    argv = getattr(args, "argv", None)
+    options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SparsifyConfig)
+               if f.name not in ("sparsity", "method")}
+    report = sparsify_checkpoint(src, args.out, calibration=calib, sparsity=cfg.sparsity, method=cfg.method,
+                                 overwrite=args.overwrite,
+                                 extra={"command": "moonshot-fx " + shlex.join(argv) if argv else ""}, **options)
+    print(f"pruned (streaming): {len(report.sites)} layers with {cfg.method}; {100 * report.overall_sparsity:.1f}% of "
+          f"{report.total_params:,} weights are zero; {report.timings['total']:.1f}s; saved to {args.out}")
+    return 0
