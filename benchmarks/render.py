@@ -202,7 +202,7 @@ def _seed_summary_for(stem: str) -> tuple[Callable[[dict[int, dict[str, Any]]], 
         return SEED_SUMMARIES[stem]
     if stem.startswith("peers"):
         return seed_summary, f"{stem}: against llm-compressor over calibration seeds"
-    if stem.startswith("quality") or stem.startswith("exp"):
+    if stem.startswith(("quality", "exp")):
         return moonshot_seed_summary, f"{stem}: MOONSHOT against its base over calibration seeds"
     return None
 
@@ -291,7 +291,7 @@ def _headline_cells(stem: str, peers: str | None, docs: dict[str, dict[str, Any]
                     r["quality"], r["prune_seconds"] / ref["prune_seconds"] if same else None)
         elif peers and base == peers and "pairs" in doc:
             for r in doc["pairs"]:
-                p, o = r.get("peer") or {}, r.get("ours") or {}
+                p = r.get("peer") or {}
                 if "@" in r["method"] or "quality" not in p:
                     continue
                 ours_sgpt = next((q["ours"] for q in doc["pairs"] if q["pattern"] == r["pattern"]
@@ -317,8 +317,8 @@ def _mean_cell(values: list[float], fmt: str = ".2f") -> str:
 
 def headline(docs: dict[str, dict[str, Any]]) -> str:
     """The README's one results table, from the result files ``docs`` (stem → document)."""
-    lines = ["| model | sparsity | method | quality (mean, range over calibration seeds) | vs dense | "
-             "time ÷ SparseGPT |", "|---|---|---|---:|---:|---:|"]
+    lines = [("| model | sparsity | method | quality (mean, range over calibration seeds) | vs dense | "
+              "time ÷ SparseGPT |"), "|---|---|---|---:|---:|---:|"]
     for model, stem, peers, patterns, methods in HEADLINE:
         cells, dense, metric = _headline_cells(stem, peers, docs)
         if not dense:
@@ -353,9 +353,10 @@ def results_md() -> str:
     files = _load_all()
     if not files:
         return "_No results yet: run the benchmarks._"
-    parts = ["# Results\n\nGenerated from `benchmarks/results/*.json` by `python benchmarks/render.py`; do not edit. "
-             "The headline table (also in the README) comes first, then every result file, grouped by the "
-             "question it answers.", "## Headline\n\n" + headline(_docs(files))]
+    intro = ("# Results\n\nGenerated from `benchmarks/results/*.json` by `python benchmarks/render.py`; do not "
+             "edit. The headline table (also in the README) comes first, then every result file, grouped by the "
+             "question it answers.")
+    parts = [intro, "## Headline\n\n" + headline(_docs(files))]
     for i, (title, _) in enumerate(GROUPS):
         sections = _file_sections([(p, d) for p, d in files if _group_of(_seed_variant(p.stem)[0]) == i])
         if sections:
