@@ -14,7 +14,12 @@ from moonshot_fx.cli_export import add_export_arguments, export_main
 from . import onnx_layout
 from .onnx_export import PatternSpec, _empty_report, _failure_message, export_onnx
 from .onnx_providers import is_available, tensorrt_provider_options
-from .onnx_report import InitializerCheck, OnnxExportError, OnnxReport, OnnxVerificationError
+from .onnx_report import (
+    InitializerCheck,
+    OnnxExportError,
+    OnnxReport,
+    OnnxVerificationError,
+)
 from .onnx_verify import PRUNED_ZERO_FRACTION, _check_zeros, _locate, _pruned_params
 
 __all__ = [
