@@ -16,7 +16,9 @@ import torch.nn as nn
 import moonshot_fx
 from moonshot_fx import BackendUnavailableError, ConfigError, MoonshotError
 from moonshot_fx.backends import compile as compile_backend
+from moonshot_fx import cli_export
 from moonshot_fx.backends import onnx as onnx_backend
+from moonshot_fx.backends import onnx_export
 from moonshot_fx.backends import semi_structured as ss
 
 onnx_ok, onnx_why = onnx_backend.is_available()
@@ -165,7 +167,7 @@ def test_onnx_failed_export_leaves_no_file(tmp_path):
 def test_onnx_failed_verification_leaves_no_file(tmp_path, monkeypatch):
     model = prune_24(mlp())
     out, opt = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
-    monkeypatch.setattr(onnx_backend, "_max_diff", lambda *a, **k: 0.5)  # an ORT model that disagrees
+    monkeypatch.setattr(onnx_export, "_max_diff", lambda *a, **k: 0.5)  # an ORT model that disagrees
     with pytest.raises(onnx_backend.OnnxVerificationError) as err:
         moonshot_fx.export_onnx(model, torch.randn(2, 16), out, optimized_path=opt)
     assert err.value.report.max_abs_diff == 0.5 and not err.value.report.ok
@@ -236,7 +238,7 @@ def test_export_main_cli_helper(tmp_path, monkeypatch, capsys):
     model = prune_24(mlp())
     ckpt = tmp_path / "pruned.pt"
     torch.save(model.state_dict(), ckpt)
-    monkeypatch.setattr(onnx_backend, "_load_cli_model", lambda name, pretrained=True: (mlp(seed=1), torch.randn(2, 16)))
+    monkeypatch.setattr(cli_export, "_load_cli_model", lambda name, pretrained=True: (mlp(seed=1), torch.randn(2, 16)))
     code = onnx_backend.export_main(["--model", "resnet20", "--checkpoint", str(ckpt), "--out",
                                      str(tmp_path / "o.onnx"), "--optimized-out", str(tmp_path / "o.opt.onnx"),
                                      "--pattern", "2:4"])

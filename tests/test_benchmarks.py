@@ -33,3 +33,52 @@ def test_quality_and_speed_scripts_write_their_results(tmp_path: Path) -> None:
     md = (tmp_path / "RESULTS.md").read_text()
     assert "quality_stories260k.json" in md and "speed_stories260k.json" in md
     assert (ROOT / "README.md").read_text() == readme  # only the real results are rendered into it
+
+
+def _render_module():
+    """benchmarks/render.py, imported against the real result files."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        old = os.environ.pop("MOONSHOT_FX_RESULTS", None)
+        for name in ("common", "render"):
+            sys.modules.pop(name, None)
+        render = importlib.import_module("render")
+    finally:
+        if old is not None:
+            os.environ["MOONSHOT_FX_RESULTS"] = old
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert render.RESULTS == render.DEFAULT_RESULTS.resolve()
+    return render
+
+
+def test_readme_results_block_matches_the_result_files() -> None:
+    """The README's generated block is exactly what render.py makes of benchmarks/results/*.json now:
+    re-run `python benchmarks/render.py` after adding or changing a result file."""
+    render = _render_module()
+    text = (ROOT / "README.md").read_text()
+    block = text.split(render.START, 1)[1].split(render.END, 1)[0].strip("\n")
+    assert block == render.readme_block()
+    # the headline holds what it promises: seed means with their range, llm-compressor side by side
+    assert "llm-compressor sparsegpt" in block and "5 seeds" in block and "ResNet-56" in block
+
+
+def test_results_md_groups_by_question_and_shows_c4() -> None:
+    """Every result file lands in RESULTS.md under a question; rows carrying quality_c4 get C4 columns."""
+    render = _render_module()
+    doc = {"model": "m", "date": "d", "command": "c", "settings": {"metric": "perplexity", "calibration": "x",
+           "evaluation": "y"}, "dense": {"quality": 10.0, "quality_c4": 12.0},
+           "rows": [{"pattern": "2:4", "method": "sparsegpt", "quality": 20.0, "quality_c4": 30.0,
+                     "prune_seconds": 2.0, "peak_rss_mb": 1.0},
+                    {"pattern": "2:4", "method": "moonshot-sparsegpt", "quality": 18.0, "quality_c4": 27.0,
+                     "prune_seconds": 4.0, "peak_rss_mb": 1.0}]}
+    md = render.quality_table(doc)
+    assert "| C4 | C4 vs base |" in md and "| 27.00 | -10.0% |" in md and "(C4 12.00)" in md
+    assert "| 2.00× |" in md
+    names = [p.name for p in render.RESULTS.glob("*.json")]
+    text = render.results_md()
+    assert all(n in text for n in names)
+    titles = [t for t, _ in render.GROUPS]
+    assert render.GROUPS[render._group_of("exp18x_smollm2")][0] == titles[-1]
+    assert render.GROUPS[render._group_of("peers_smollm2")][0] == titles[1]
