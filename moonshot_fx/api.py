@@ -252,7 +252,7 @@ def default_fisher(cfg: SparsifyConfig, sites: Sequence[Site]) -> str:
     """``fisher="auto"``: sample-level for convolutional models (per-image correlations matter),
     else the per-weight diagonal for score-based bases (Wanda, magnitude) and the per-head row
     Fisher for the Hessian-driven ones (SmolLM2 2:4, five seeds: it beat the shared token form on
-    WikiText-2 and C4; docs/method.md §2 and §7 have the measurements)."""
+    WikiText-2 and C4; docs/method.md §2 and §8 have the measurements)."""
     if any(s.kind.startswith("conv") for s in sites):
         return "sample"
     return "weight" if cfg.base in ("wanda", "magnitude") else "row"

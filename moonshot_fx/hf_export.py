@@ -86,14 +86,20 @@ def save_hf_directory(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLi
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
-            body = json.loads(report.to_json()) if hasattr(report, "to_json") else dict(report)
-            body.update(extra or {})
-            (tmp / REPORT_FILE).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+            write_report(tmp, report, extra)
         _replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def write_report(directory: Path, report: Any, extra: Mapping[str, Any] | None = None) -> None:
+    """Write ``report`` (a :class:`~moonshot_fx.report.SparsityReport` or a mapping), updated with
+    ``extra``, as ``directory/moonshot_report.json``."""
+    body = json.loads(report.to_json()) if hasattr(report, "to_json") else dict(report)
+    body.update(extra or {})
+    (directory / REPORT_FILE).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
 
 
 def _strip_config(path: Path) -> None:

@@ -52,7 +52,7 @@ import torch.nn as nn
 
 from .config import SparsifyConfig, default_sequential_unit
 from .errors import CalibrationError, ConfigError, ModelLoadError, NoPrunableSitesError
-from .hf_export import REPORT_FILE, _replace_dir, _strip_config, check_destination
+from .hf_export import REPORT_FILE, _replace_dir, _strip_config, check_destination, write_report
 from .report import SparsityReport
 
 log = logging.getLogger(__name__)
@@ -366,10 +366,7 @@ def sparsify_checkpoint(
         _copy_side_files(src, tmp)
         timings["total"] = time.perf_counter() - t_start
         report.timings = timings
-        body = json.loads(report.to_json())
-        body.update({"streaming": True, "source": str(src), "layers": n_layers})
-        body.update(extra or {})
-        (tmp / REPORT_FILE).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+        write_report(tmp, report, {"streaming": True, "source": str(src), "layers": n_layers, **(extra or {})})
         _replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -41,13 +41,6 @@ def _normalised(x: torch.Tensor) -> torch.Tensor:
     return x / torch.diagonal(x).mean().clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def kron_curvature(hessian: torch.Tensor, fisher: torch.Tensor, g: torch.Tensor, alpha: float,
-                   dampening: float) -> KronSumInverse:
-    """``M⁻¹`` for ``M = α·I⊗Ĥ + (1 − α)·Ĝ⊗F̂`` (hats: divided by their mean diagonal; ``Ĥ`` dampened)."""
-    return KronSumInverse.build(_normalised(hessian), _normalised(g), _normalised(fisher), alpha, 1.0 - alpha,
-                                damp=dampening)
-
-
 def kron_prune(weight: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor, g: torch.Tensor,
                pattern: Pattern, alpha: float, base: str, **options: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` (out × in) against the Kronecker-factored mixed curvature (module docstring)."""
@@ -55,13 +48,14 @@ def kron_prune(weight: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor
     from . import get_pruner
 
     dampening = float(options.get("dampening", 0.01))  # type: ignore[arg-type]
-    inverse = kron_curvature(hessian, fisher, g, alpha, dampening)
+    # M⁻¹ for M = α·I⊗Ĥ + (1 − α)·Ĝ⊗F̂ (hats: divided by their mean diagonal; Ĥ dampened inside)
+    h, gg, f = _normalised(hessian), _normalised(g), _normalised(fisher)
+    inverse = KronSumInverse.build(h, gg, f, alpha, 1.0 - alpha, damp=dampening)
     if base in ("wanda", "magnitude"):
         mask = select_mask(inverse.saliency(weight).to(torch.float32), pattern, scope="row")
         return weight * mask, mask
     shared, mask = get_pruner(base)(weight, mix_hessians(hessian, fisher, alpha), pattern, **options)
     resolved, _ = kron_resolve(weight, mask, inverse)
-    h, gg, f = _normalised(hessian), _normalised(g), _normalised(fisher)
     before = kron_objective(weight - shared, h, gg, f, alpha, 1.0 - alpha)
     after = kron_objective(weight - resolved, h, gg, f, alpha, 1.0 - alpha)
     return (resolved if after <= before else shared).to(weight.dtype), mask
