@@ -4,33 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 import moonshot_fx
 from moonshot_fx.config import parse_pattern
 from moonshot_fx.kron import KronSumInverse, kron_objective, kron_resolve
 from moonshot_fx.masks import check_pattern
 from moonshot_fx.passes.calibrate import collect_gradients
-from moonshot_fx.passes.capture import capture
-from moonshot_fx.passes.discover import find_sites
 from moonshot_fx.pruners import prune_layer
 from moonshot_fx.pruners.kron_moonshot import _normalised, kron_prune
 from moonshot_fx.stats import input_rows
-from test_row_fisher import TokenMLP, tiny_llama
+from test_row_fisher import tiny_llama, token_mlp_case
 
 
 def test_output_factor_equals_explicit_per_token_weight_gradients() -> None:
     """``G = Σ_t ‖x_t‖² δ_t δ_tᵀ = Σ_t g_t g_tᵀ`` for the per-token weight gradients ``g_t = δ_t x_tᵀ``."""
-    torch.manual_seed(0)
-    model = TokenMLP().eval()
-    ids = torch.randint(0, 11, (3, 7))
-    cap = capture(model, (), {"input_ids": ids})
-    sites = [s for s in find_sites(cap.gm, model) if s.name == "up.weight"]
+    model, ids, cap, sites, per_token, scale = token_mlp_case()
     weights, factors, _ = collect_gradients(cap, sites, [((), {"input_ids": ids})], kind="kron")
     got = factors["up.weight"]
-    logits = model(ids)["logits"]
-    per_token = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    scale = 1.0 / per_token.shape[1]
     expected = torch.zeros_like(got)
     for k in range(ids.shape[0]):
         for t in range(per_token.shape[1]):

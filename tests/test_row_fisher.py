@@ -31,6 +31,19 @@ class TokenMLP(nn.Module):
         return {"logits": self.out(torch.tanh(self.up(self.embed(input_ids))))}
 
 
+def token_mlp_case() -> tuple[TokenMLP, torch.Tensor, object, list, torch.Tensor, float]:
+    """A seeded TokenMLP, its ids, capture and ``up.weight`` site, with each token's own loss term
+    (``per_token``, (batch, positions)) and the default loss's per-position scale."""
+    torch.manual_seed(0)
+    model = TokenMLP().eval()
+    ids = torch.randint(0, 11, (3, 7))
+    cap = capture(model, (), {"input_ids": ids})
+    sites = [s for s in find_sites(cap.gm, model) if s.name == "up.weight"]
+    logits = model(ids)["logits"]
+    per_token = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    return model, ids, cap, sites, per_token, 1.0 / per_token.shape[1]  # the default loss: per-sample mean
+
+
 def tiny_llama(layers: int = 2) -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
@@ -39,11 +52,7 @@ def tiny_llama(layers: int = 2) -> transformers.LlamaForCausalLM:
 
 
 def test_per_row_fisher_equals_explicit_per_token_gradients() -> None:
-    torch.manual_seed(0)
-    model = TokenMLP().eval()
-    ids = torch.randint(0, 11, (3, 7))
-    cap = capture(model, (), {"input_ids": ids})
-    sites = [s for s in find_sites(cap.gm, model) if s.name == "up.weight"]
+    model, ids, cap, sites, per_token, scale = token_mlp_case()
     d_out = sites[0].shape[0]
     weights, _, _ = collect_gradients(cap, sites, [((), {"input_ids": ids})], kind="row",
                                       clusters={"up.weight": d_out})
@@ -53,9 +62,6 @@ def test_per_row_fisher_equals_explicit_per_token_gradients() -> None:
     got = stats.fisher["up.weight"]  # (d_out, d_in, d_in): one Fisher per output row
     # explicit: the gradient of each token's own loss term w.r.t. row i of the weight
     expected = torch.zeros_like(got)
-    logits = model(ids)["logits"]
-    per_token = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    scale = 1.0 / per_token.shape[1]  # the default loss is the per-sample mean over positions
     for k in range(ids.shape[0]):
         for t in range(per_token.shape[1]):
             (g,) = torch.autograd.grad(scale * per_token[k, t], model.up.weight, retain_graph=True)
