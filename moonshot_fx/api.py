@@ -9,46 +9,35 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import logging
-import math
 import time
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
-import torch
 import torch.nn as nn
 
 from . import distributed
+from .alpha_search import choose_alpha
 from .config import SparsifyConfig, default_sequential_unit
 from .errors import CalibrationError, ConfigError, NoPrunableSitesError, PatternError, PatternWarning
 from .masks import check_pattern
 from .passes.apply import read_weights, write_weights
-from .passes.calibrate import (LossFn, collect_gradients, collect_hessians, default_loss, group_sites,
-                               needs_diagonal_only, output_logits)
+from .passes.calibrate import LossFn, collect_gradients, collect_hessians, group_sites, needs_diagonal_only
 from .passes.capture import CapturedGraph, batch_shape_key, capture, iter_batches, normalize_batch
 from .passes.discover import Site, dense_reasons, find_sites, select_sites
-from .passes.losses import SampledLabelLoss, scores_own_predictions, soft_target_loss
+from .passes.losses import SampledLabelLoss
 from .passes.meta import check_not_meta
-from .passes.norm_recalibration import (batchnorm_modules, batchnorm_state, recalibrate_batchnorm,
-                                        restore_batchnorm_state)
-from .passes.prune import SiteResult, prune_group, to_matrix
+from .passes.norm_recalibration import batchnorm_modules, recalibrate_batchnorm
+from .passes.prune import NoStats, SiteResult, prune_all_groups, prune_group, to_matrix
 from .passes.row_clusters import row_clusters
-from .passes.runner import GraphRunner
 from .passes.sequential import sequential_prune
 from .passes.unsupported import unsupported_weights
+from .progress import progress_bar
 from .report import SiteReport, SparsityReport, layout_name
 
 log = logging.getLogger(__name__)
 
 #: sequential mode is chosen automatically for models with at least this many sites
 AUTO_SEQUENTIAL_SITES = 8
-
-
-def _progress(enabled: bool, desc: str, total: int | None = None) -> Callable[[Iterable[Any]], Iterable[Any]]:
-    if not enabled:
-        return lambda it: it
-    from tqdm.auto import tqdm
-
-    return lambda it: tqdm(it, desc=desc, total=total, leave=False)
 
 
 def _prepare(model: nn.Module, example_inputs: Any, batches: list[Any], *,
@@ -275,7 +264,7 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
     """Gradients (MOONSHOT), alpha search, calibration and pruning; returns results, writes nothing."""
     if cfg.method == "magnitude":
         t = time.perf_counter()
-        out = {r.name: r for g in group_sites(sites).values() for r in prune_group(g, _NoStats(), model, cfg)}
+        out = {r.name: r for g in group_sites(sites).values() for r in prune_group(g, NoStats(), model, cfg)}
         timings["prune"] = time.perf_counter() - t
         return out
     flat = [captured.flat_inputs(a, k) for a, k in norm]
@@ -296,7 +285,7 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
         row_weights, sample_fishers, _ = collect_gradients(
             captured, sites, norm, kind=cfg.fisher, loss_fn=fisher_loss(cfg, loss_fn), clusters=clusters,
             kron_max_width=cfg.kron_max_width,
-            progress=_progress(progress, "gradients", len(norm)))
+            progress=progress_bar(progress, "gradients", len(norm)))
         if cfg.fisher == "kron":
             report.kron_sites = [s.name for s in sites if s.slice_index is None and s.name in sample_fishers]
         if cfg.fisher not in ("token", "row", "kron"):
@@ -313,7 +302,7 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
     t = time.perf_counter()
     if sequential:
         groups = group_sites(sites)
-        bar = _progress(progress, "prune (sequential)", len(groups))(range(len(groups)))
+        bar = progress_bar(progress, "prune (sequential)", len(groups))(range(len(groups)))
         it = iter(bar)
         results = sequential_prune(captured, model, sites, flat, cfg, row_weights=row_weights,
                                    sample_fishers=sample_fishers, alpha=alpha, on_group=lambda _r: next(it, None))
@@ -322,143 +311,11 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
     else:
         stats = collect_hessians(captured, sites, flat, row_weights=row_weights,
                                  diagonal_only=needs_diagonal_only(cfg),
-                                 progress=_progress(progress, "calibrate", len(flat)))
+                                 progress=progress_bar(progress, "calibrate", len(flat)))
         timings["calibrate"] = time.perf_counter() - t
         for g in sorted(stats):  # no-op in one process
             distributed.reduce_stats(stats[g])
-        results = _prune_all(model, sites, stats, cfg, sample_fishers, alpha, progress)
+        results = prune_all_groups(model, sites, stats, cfg, sample_fishers, alpha, progress)
         distributed.broadcast_results([results[k] for k in sorted(results)])
     timings["prune"] = time.perf_counter() - t
     return results
-
-
-class _NoStats:
-    """Stand-in statistics for data-free magnitude pruning."""
-
-    fisher: dict[str, torch.Tensor] = {}
-    mixed: dict[str, torch.Tensor] = {}
-    diagonal_only = False
-    rows = 0
-
-    def mean_hessian(self) -> None:  # pragma: no cover - never called for magnitude
-        return None
-
-    def mixed_hessian(self, site: str) -> None:
-        """No H_mix: prune_group asks every site, and magnitude needs no curvature."""
-        return None
-
-
-def _prune_all(model: nn.Module, sites: list[Site], stats: dict[str, Any], cfg: SparsifyConfig,
-               sample_fishers: dict[str, torch.Tensor] | None, alpha: float | None, progress: bool) -> dict[str, SiteResult]:
-    out: dict[str, SiteResult] = {}
-    groups = group_sites(sites)
-    for g in _progress(progress, "prune", len(groups))(list(groups)):
-        for r in prune_group(groups[g], stats[g], model, cfg, sample_fishers=sample_fishers, alpha=alpha):
-            out[r.name] = r
-    return out
-
-
-def dense_soft_targets(captured: CapturedGraph, sites: list[Site], norm: list[Any]) -> list[torch.Tensor] | None:
-    """The dense model's probabilities on ``norm`` when the default loss would score it against
-    its own predictions (a classifier or masked LM without labels; else None): the reference
-    :func:`held_out_loss` compares a pruned model against."""
-    runner = GraphRunner(captured, sites, weights={})
-    targets = []
-    with torch.no_grad():
-        for args, kwargs in norm:
-            flat = runner.run([captured.flat_inputs(args, kwargs)])
-            assert flat is not None
-            out = captured.unflatten(flat[0])
-            if not scores_own_predictions(out, kwargs, args):
-                return None
-            targets.append(torch.softmax(output_logits(out).float(), dim=-1))
-    return targets
-
-
-def held_out_loss(captured: CapturedGraph, sites: list[Site], norm: list[Any], weights: dict[str, torch.Tensor],
-                  loss_fn: LossFn | None, soft_targets: list[torch.Tensor] | None = None) -> float:
-    """Mean per-sample loss of the model with ``weights`` substituted, over ``norm`` batches.
-
-    With ``soft_targets`` (one per batch, from :func:`dense_soft_targets`) the loss is the
-    cross-entropy against the dense model's probabilities — how far the pruned classifier's
-    predictions moved (KL to the dense model plus a constant). Scoring a label-free classifier
-    against its *own* argmax instead would reward confident models, not faithful ones.
-    """
-    runner = GraphRunner(captured, sites, weights=weights)
-
-    def forward(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        flat = runner.run([captured.flat_inputs(args, kwargs)])
-        assert flat is not None
-        return captured.unflatten(flat[0])
-
-    return _mean_loss(forward, norm, loss_fn, soft_targets)
-
-
-def _mean_loss(forward: Callable[[tuple[Any, ...], dict[str, Any]], Any], norm: list[Any], loss_fn: LossFn | None,
-               soft_targets: list[torch.Tensor] | None) -> float:
-    """Mean per-sample loss of ``forward`` over ``norm`` (see :func:`held_out_loss`)."""
-    fn = loss_fn or default_loss
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i, (args, kwargs) in enumerate(norm):
-            out = forward(args, kwargs)
-            if soft_targets is not None:
-                losses = soft_target_loss(output_logits(out), soft_targets[i])
-            else:
-                losses = fn(out, args, kwargs)
-            total += float(losses.sum())
-            count += losses.shape[0]
-    return total / max(1, count)
-
-
-def held_out_loss_recalibrated(model: nn.Module, norm_fit: list[Any], held: list[Any], weights: dict[str, torch.Tensor],
-                               loss_fn: LossFn | None, soft_targets: list[torch.Tensor] | None = None) -> float:
-    """:func:`held_out_loss` of the model as ``recalibrate_norms=True`` would leave it: ``weights``
-    written, BatchNorm statistics re-estimated on ``norm_fit``, then the eager model scored on
-    ``held``. The model's parameters and BatchNorm buffers are restored before returning, also on
-    error. Without this, candidates whose pruned activations BatchNorm would re-centre are judged
-    with the dense statistics, which at high sparsity makes every candidate look alike."""
-    saved_w = read_weights(model, list(weights))
-    saved_bn = batchnorm_state(model)
-    try:
-        write_weights(model, weights)
-        recalibrate_batchnorm(model, norm_fit)
-        return _mean_loss(lambda a, k: model(*a, **k), held, loss_fn, soft_targets)
-    finally:
-        write_weights(model, saved_w)
-        restore_batchnorm_state(saved_bn)
-
-
-def choose_alpha(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: list[Any], cfg: SparsifyConfig,
-                 row_weights: dict[str, list[torch.Tensor]] | None, sample_fishers: dict[str, torch.Tensor] | None,
-                 loss_fn: LossFn | None, progress: bool) -> tuple[float, dict[float, float]]:
-    """Pick α from ``cfg.alpha_grid`` by the loss on a held-out slice of the calibration batches.
-
-    The statistics (H and F, dense model) are collected once; each α costs one pure-maths prune
-    of every group plus one forward over the held-out slice (1/8 of the batches, at least one).
-    With a single batch the slice is that batch itself (documented: no held-out data exists).
-    With ``recalibrate_norms`` on a model with BatchNorm, each candidate is scored after its
-    BatchNorm statistics are re-estimated on the fitting batches (one more forward over them),
-    since that is the model the run returns.
-    """
-    n_hold = max(1, len(norm) // 8)
-    held = norm[-n_hold:]
-    fit_idx = list(range(len(norm) - n_hold)) or [0]
-    norm_fit = [norm[i] for i in fit_idx]
-    flat_fit = [captured.flat_inputs(*b) for b in norm_fit]
-    rw = {k: [v[i] for i in fit_idx] for k, v in row_weights.items()} if row_weights else None
-    stats = collect_hessians(captured, sites, flat_fit, row_weights=rw, diagonal_only=needs_diagonal_only(cfg))
-    targets = dense_soft_targets(captured, sites, held) if loss_fn is None else None
-    recalibrate = cfg.recalibrate_norms and bool(batchnorm_modules(model))
-    scores: dict[float, float] = {}
-    for a in _progress(progress, "alpha search", len(cfg.alpha_grid))(list(cfg.alpha_grid)):
-        res = _prune_all(model, sites, stats, cfg, sample_fishers, a, progress=False)
-        weights = {k: r.weight for k, r in res.items()}
-        if recalibrate:  # score each candidate as the run will leave it: norms re-estimated
-            loss = held_out_loss_recalibrated(model, norm_fit, held, weights, loss_fn, targets)
-        else:
-            loss = held_out_loss(captured, sites, held, weights, loss_fn, targets)
-        scores[a] = loss if math.isfinite(loss) else float("inf")
-        log.info("alpha=%.3g held-out loss %.4f", a, scores[a])
-    best = min(scores, key=lambda a: (scores[a], -a))
-    return best, scores

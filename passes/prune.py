@@ -15,9 +15,11 @@ import torch.nn as nn
 
 from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.linalg import inverse_cholesky_upper, prepare_hessian
+from moonshot_fx.progress import progress_bar
 from moonshot_fx.pruners import cluster_quadratic_error, prune_layer
 from moonshot_fx.stats import LayerStats
 
+from .calibrate import group_sites
 from .discover import Site
 from .experts import split_slice_name
 
@@ -142,3 +144,32 @@ def _unrouted(site: Site, model: nn.Module, config: SparsifyConfig, weights: dic
     value = from_matrix(site, new.to(param.dtype)).to(param.device)
     return SiteResult(name=site.name, weight=value, pattern=str(pattern), sparsity=float((new == 0).float().mean()),
                       rel_error=float("nan"), seconds=time.perf_counter() - t0, note=UNROUTED_NOTE)
+
+
+class NoStats:
+    """Stand-in statistics for data-free magnitude pruning."""
+
+    fisher: dict[str, torch.Tensor] = {}
+    mixed: dict[str, torch.Tensor] = {}
+    diagonal_only = False
+    rows = 0
+
+    def mean_hessian(self) -> None:  # pragma: no cover - never called for magnitude
+        return None
+
+    def mixed_hessian(self, site: str) -> None:
+        """No H_mix: prune_group asks every site, and magnitude needs no curvature."""
+        return None
+
+
+def prune_all_groups(model: nn.Module, sites: list[Site], stats: dict[str, Any], cfg: SparsifyConfig,
+                     sample_fishers: dict[str, torch.Tensor] | None, alpha: float | None,
+                     progress: bool = False) -> dict[str, SiteResult]:
+    """Prune every input group with its statistics ``stats[group]`` (pure maths, nothing is
+    written into the model); returns site name → result."""
+    out: dict[str, SiteResult] = {}
+    groups = group_sites(sites)
+    for g in progress_bar(progress, "prune", len(groups))(list(groups)):
+        for r in prune_group(groups[g], stats[g], model, cfg, sample_fishers=sample_fishers, alpha=alpha):
+            out[r.name] = r
+    return out

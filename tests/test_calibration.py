@@ -198,7 +198,7 @@ def test_held_out_loss_scores_a_label_free_classifier_against_the_dense_model():
     """Choosing α must reward faithful pruned classifiers, not confident ones: a copy whose head is
     sharpened (same argmax, more confident) scores *worse* than the dense model, and the dense
     model scores exactly the entropy of its own predictions (the minimum of the cross-entropy)."""
-    from moonshot_fx.api import dense_soft_targets, held_out_loss
+    from moonshot_fx.alpha_search import dense_soft_targets, held_out_loss
 
     torch.manual_seed(0)
     model = TinyConv().eval()

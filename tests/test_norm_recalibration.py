@@ -74,7 +74,7 @@ def test_held_out_loss_recalibrated_scores_the_model_the_run_returns():
 
     import torch.nn.functional as F
 
-    from moonshot_fx.api import dense_soft_targets, held_out_loss, held_out_loss_recalibrated
+    from moonshot_fx.alpha_search import dense_soft_targets, held_out_loss, held_out_loss_recalibrated
     from moonshot_fx.passes.capture import capture, normalize_batch
     from moonshot_fx.passes.discover import find_sites
 
