@@ -4,8 +4,9 @@
         --methods magnitude wanda sparsegpt moonshot-sparsegpt moonshot-wanda
 
 Writes ``benchmarks/results/quality_<model>.json`` (``…_seed<N>.json`` with ``--seed N``; after
-every row, atomically) and re-renders ``benchmarks/results/RESULTS.md`` and the README table (see
-``render.py``). Every method of one invocation runs in the same process on the same calibration
+every row, atomically; each row carries every pruned weight's relative error in ``site_errors``)
+and re-renders ``benchmarks/results/RESULTS.md``, the README table and the figures (see
+``render.py``, ``plots.py``). Every method of one invocation runs in the same process on the same calibration
 data, so time ratios are fair.
 
 Settings (documented defaults):
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -115,7 +117,9 @@ def run(args: argparse.Namespace) -> Path:
                    "peak_rss_mb": peak / 2**20, "timings": report.timings, "alpha": report.alpha,
                    "alpha_search": report.alpha_search, "sequential": report.sequential,
                    "sequential_unit": report.config.get("sequential_unit"),
-                   "sparsity": report.overall_sparsity, "sites": len(report.sites)}
+                   "sparsity": report.overall_sparsity, "sites": len(report.sites),
+                   "site_errors": {s.name: (s.rel_error if math.isfinite(s.rel_error) else None)
+                                   for s in report.sites}}
             doc["rows"].append(row)
             print(f"{pattern:>5} {label:<24} {settings['metric']} {_show(q)}  prune {wall:7.1f}s  "
                   f"peak RSS {peak / 2**20:7.0f} MB  alpha {report.alpha}", flush=True)

@@ -4,7 +4,8 @@
 
 The README section between ``<!-- results:start -->`` and ``<!-- results:end -->`` is replaced by
 ``headline()`` (one table: SmolLM2-135M and ResNet-20/56, means over calibration seeds); nothing
-else in the README is touched. Every result file is rendered into ``RESULTS.md``, grouped by the
+else in the README is touched. The figures of ``plots.py`` are drawn first (when matplotlib is
+installed) and shown under their result file. Every result file is rendered into ``RESULTS.md``, grouped by the
 question it answers (``GROUPS``); a file of unknown name lands under "Ablations and experiments".
 """
 from __future__ import annotations
@@ -93,6 +94,7 @@ TITLES = {
     "quality_smollm2": "SmolLM2-135M: quality with the default sequential unit (auto)",
     "quality-block_smollm2": "SmolLM2-135M: quality, all methods, block sequential unit",
     "quality-group_smollm2": "SmolLM2-135M: quality, group sequential unit (earlier runs: see each row's run in the JSON)",
+    "sweep_smollm2": "SmolLM2-135M: quality against sparsity (30–70% and 2:4, calibration seed 0)",
     "peers_smollm2": "SmolLM2-135M: against llm-compressor",
     "peers_agreement_smollm2": "SmolLM2-135M: our SparseGPT and llm-compressor's on identical inputs",
     "speed_smollm2": "SmolLM2-135M: pruning time and memory, ratios to SparseGPT",
@@ -219,9 +221,10 @@ def _seed_section(stem: str, docs: dict[int, dict[str, Any]]) -> list[str]:
 #: RESULTS.md sections, by the question a result file answers: (title, does this stem belong here);
 #: the first match wins, and the last group takes every file no other group claims
 GROUPS: list[tuple[str, Callable[[str], bool]]] = [
-    ("Quality: how much does pruning cost, per method", lambda s: s.startswith("quality") and not s[7:8].isdigit()),
+    ("Quality: how much does pruning cost, per method",
+     lambda s: (s.startswith("quality") and not s[7:8].isdigit()) or s.startswith("sweep")),
     ("Against peers: llm-compressor on the same model and data", lambda s: s.startswith("peers")),
-    ("Speed and memory", lambda s: s.startswith("speed")),
+    ("Speed and memory", lambda s: s.startswith("speed") or s.startswith("scale")),
     ("Deployment", lambda s: s.startswith("deploy")),
     ("Ablations and experiments", lambda s: True),
 ]
@@ -249,10 +252,16 @@ def _file_sections(files: list[tuple[Path, dict[str, Any]]]) -> list[str]:
             seeded[1][int(seed or 0)] = doc
         title = TITLES.get(stem, stem) + (f", calibration seed {seed}" if seed else "")
         body = quality_table(doc) if "rows" in doc and "dense" in doc else generic_table(doc)
-        parts.append(f"### {title}\n\n_{path.name}_\n\n{body}")
+        figures = "".join(f"\n\n![{title}: {png}]({png})" for png in _figures_of(path))
+        parts.append(f"### {title}\n\n_{path.name}_\n\n{body}{figures}")
     if seeded:
         parts += _seed_section(*seeded)
     return parts
+
+
+def _figures_of(path: Path) -> list[str]:
+    """The PNG figures ``plots.py`` drew from this result file (``<stem>.png``, ``<stem>_layers.png``)."""
+    return [p.name for p in (path.with_suffix(".png"), path.with_name(f"{path.stem}_layers.png")) if p.exists()]
 
 
 #: the README's headline table: (model label, quality file stem, peers file stem or None, patterns,
@@ -367,7 +376,16 @@ def results_md() -> str:
 
 
 def render_all() -> str:
-    """Write results/RESULTS.md and the README section; returns RESULTS.md's markdown."""
+    """Draw the figures (when matplotlib is installed), write results/RESULTS.md and the README
+    section; returns RESULTS.md's markdown."""
+    from moonshot_fx.errors import MissingExtraError
+
+    try:
+        from plots import render_figures
+
+        render_figures(RESULTS)
+    except MissingExtraError as exc:
+        print(f"figures not drawn: {exc}", file=sys.stderr)
     md = results_md()
     write_text(RESULTS / "RESULTS.md", md + "\n")
     if README.exists() and RESULTS == DEFAULT_RESULTS.resolve():  # only the real results go into the README

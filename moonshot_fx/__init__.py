@@ -17,7 +17,7 @@ from .errors import (
     BackendUnavailableError, CalibrationError, ConfigError, LinalgError, LossError, MetaDeviceError,
     MoonshotError, NoPrunableSitesError, PatternError, TraceError,
 )
-from .errors import DataFileError, ModelLoadError, SaveError
+from .errors import DataFileError, MissingExtraError, ModelLoadError, SaveError
 from .masks import check_pattern
 from .pruners import prune_layer, reconstruction_error
 
@@ -32,6 +32,7 @@ _LAZY = {
     "export_onnx": ("moonshot_fx.backends.onnx", "export_onnx"),
     "save_hf_directory": ("moonshot_fx.hf_export", "save_hf_directory"),
     "sparsify_checkpoint": ("moonshot_fx.streaming", "sparsify_checkpoint"),
+    "plot_site_errors": ("moonshot_fx.plots", "plot_site_errors"),
 }
 
 
@@ -47,6 +48,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BackendUnavailableError", "CalibrationError", "ConfigError", "LinalgError", "LossError", "MetaDeviceError", "MoonshotError",
     "NoPrunableSitesError", "Pattern", "PatternError", "SparsifyConfig", "TraceError",
-    "DataFileError", "ModelLoadError", "SaveError",
+    "DataFileError", "MissingExtraError", "ModelLoadError", "SaveError",
     "check_pattern", "parse_pattern", "prune_layer", "reconstruction_error", *_LAZY,
 ]

@@ -131,12 +131,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options["fisher"] = args.fisher
     if args.recalibrate_norms is not None:  # None: the API's default (on for BatchNorm models)
         options["recalibrate_norms"] = args.recalibrate_norms
+    if args.plot:  # MissingExtraError now, not after a long prune
+        from .plots import pyplot
+
+        pyplot()
     exclude = tuple(args.exclude or ())  # added to DEFAULT_EXCLUDE by the config
     cfg = SparsifyConfig(sparsity=args.sparsity, method=args.method, exclude=exclude,
                          include=tuple(args.include or ("*",)), **options)
 
     if getattr(args, "stream", False):  # layer by layer from the safetensors shards (moonshot_fx.streaming)
-        from .streaming import prune_command
+        from .cli_stream import prune_command
 
         return prune_command(args, cfg)
     loaded = load_model(args.model, need_text=True, args=args)
@@ -183,9 +187,22 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.report:
         Path(args.report).write_text(report.to_json(indent=2), encoding="utf-8")
         print(f"report written to {args.report}")
+    if args.plot:
+        _plot(report, args)
     if args.out:
         _save(loaded, args)
     return 0
+
+
+def _plot(report: Any, args: argparse.Namespace) -> None:
+    from .plots import plot_site_errors
+
+    try:
+        plot_site_errors(report, args.plot, title=f"{args.model}: {args.method} {args.sparsity}")
+    except ValueError as exc:  # Wanda / magnitude: no reconstruction statistics
+        print(f"note: no per-layer figure: {exc}")
+        return
+    print(f"per-layer error figure written to {args.plot}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -303,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="Hugging Face directory of a Llama-family model: prune one "
                    "decoder layer at a time from its safetensors shards into --out DIR (models larger than memory)")
     p.add_argument("--report", help="write the sparsity report as JSON here")
+    p.add_argument("--plot", metavar="FILE", help="write a figure of each pruned layer's relative reconstruction "
+                   "error here (PNG, or the format of FILE's suffix; needs the plots extra)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_eval_args(p)
     p.set_defaults(func=cmd_prune)

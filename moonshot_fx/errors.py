@@ -62,5 +62,9 @@ class SaveError(MoonshotError, OSError):
     was not given, or its parent is not writable)."""
 
 
+class MissingExtraError(MoonshotError, ImportError):
+    """An optional dependency (a pip extra such as ``plots``) is needed and not installed."""
+
+
 class PatternWarning(UserWarning):
     """Weights kept dense because their input size does not fit the N:M pattern (``strict=False``)."""

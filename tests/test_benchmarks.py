@@ -21,10 +21,10 @@ def _run(script: str, args: list[str], out: Path) -> None:
 
 def test_quality_and_speed_scripts_write_their_results(tmp_path: Path) -> None:
     readme = (ROOT / "README.md").read_text()
-    _run("quality.py", ["--model", "stories260k", "--patterns", "2:4", "--methods", "magnitude", "wanda"], tmp_path)
+    _run("quality.py", ["--model", "stories260k", "--patterns", "2:4", "--methods", "magnitude", "sparsegpt"], tmp_path)
     _run("speed.py", ["--model", "stories260k", "--methods", "sparsegpt", "magnitude"], tmp_path)
     quality = json.loads((tmp_path / "quality_stories260k.json").read_text())
-    assert [r["method"] for r in quality["rows"]] == ["magnitude", "wanda"]
+    assert [r["method"] for r in quality["rows"]] == ["magnitude", "sparsegpt"]
     assert all(r["sparsity"] == pytest.approx(0.5, abs=0.01) and r["quality"] > quality["dense"]["quality"]
                for r in quality["rows"])
     speed = json.loads((tmp_path / "speed_stories260k.json").read_text())
@@ -32,6 +32,13 @@ def test_quality_and_speed_scripts_write_their_results(tmp_path: Path) -> None:
     assert all(r["wall"] > 0 and r["peak_rss_mb"] > 0 for r in speed["rows"])
     md = (tmp_path / "RESULTS.md").read_text()
     assert "quality_stories260k.json" in md and "speed_stories260k.json" in md
+    # the per-layer figure of the run (SparseGPT's errors; magnitude has none) is drawn and shown
+    sgpt = quality["rows"][1]["site_errors"]
+    assert len(sgpt) == quality["rows"][1]["sites"] and all(0 < e < 1 for e in sgpt.values())
+    assert all(e is None for e in quality["rows"][0]["site_errors"].values())
+    png = tmp_path / "quality_stories260k_layers.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "(quality_stories260k_layers.png)" in md
     assert (ROOT / "README.md").read_text() == readme  # only the real results are rendered into it
 
 

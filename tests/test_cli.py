@@ -57,8 +57,10 @@ def test_prune_eval_stories260k(tmp_path: Path, capsys: pytest.CaptureFixture[st
     report = tmp_path / "report.json"
     out, err = _run(capsys, "-v", "prune", "--model", "stories260k", "--sparsity", "2:4", "--method", "sparsegpt",
                     "--calib-windows", "4", "--seqlen", "64", "--eval", "--eval-windows", "2",
-                    "--out", str(ckpt), "--report", str(report))
+                    "--out", str(ckpt), "--report", str(report), "--plot", str(tmp_path / "layers.png"))
     assert "calibration: 4 windows x 64 tokens" in out
+    assert f"per-layer error figure written to {tmp_path / 'layers.png'}" in out
+    assert (tmp_path / "layers.png").read_bytes()[:4] == b"\x89PNG"
     dense = _metric(out, "dense  perplexity")
     pruned = _metric(out, "pruned perplexity")
     assert 1.0 < dense < 10.0, out  # the 260K model is good at TinyStories
@@ -67,6 +69,7 @@ def test_prune_eval_stories260k(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert f"saved state_dict to {ckpt}" in out
     assert "INFO" in err  # -v logging reaches stderr
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["pruned.pt"]  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layers.png", "report.json", "sub"]
     assert '"overall_sparsity": 0.5' in report.read_text()
 
     sd = torch.load(ckpt, weights_only=True)
