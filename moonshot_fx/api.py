@@ -20,7 +20,7 @@ from .alpha_search import choose_alpha
 from .config import SparsifyConfig, default_sequential_unit
 from .errors import CalibrationError, ConfigError, NoPrunableSitesError, PatternError, PatternWarning
 from .masks import check_pattern
-from .passes.apply import read_weights, write_weights
+from .passes.apply import WeightJournal, write_weights
 from .passes.calibrate import LossFn, collect_gradients, collect_hessians, group_sites, needs_diagonal_only
 from .passes.capture import CapturedGraph, batch_shape_key, capture, iter_batches, normalize_batch
 from .passes.discover import Site, dense_reasons, find_sites, select_sites
@@ -184,6 +184,7 @@ def sparsify(
         batches = [example_inputs]
     was_training = model.training
     model.eval()
+    journal = WeightJournal(model)
     try:
         # MOONSHOT's backward runs on micro-batches, which needs a graph with a dynamic batch size
         captured, norm = _prepare(model, example_inputs, batches, one_shape_only=cfg.method != "moonshot")
@@ -205,7 +206,7 @@ def sparsify(
         report = SparsityReport(config=cfg.to_dict(), skipped=skipped,
                                 sequential=sequential and cfg.method != "magnitude", capture_method=captured.method,
                                 norms_recalibrated_by_default=bn_auto and bool(cfg.recalibrate_norms))
-        results = _run(model, captured, sites, norm, cfg, sequential, loss_fn, progress, timings, report)
+        results = _run(model, captured, sites, norm, cfg, sequential, loss_fn, progress, timings, report, journal)
         for name in [n for n, r in results.items() if r.skipped]:  # e.g. an unrouted expert kept dense
             report.skipped[name] = results.pop(name).skipped
         sites = [s for s in sites if s.name in results]
@@ -213,19 +214,21 @@ def sparsify(
             r = results[s.name]
             if not check_pattern(to_matrix(s, r.weight), r.pattern):
                 raise PatternError(f"internal error: {s.name} does not satisfy {r.pattern}; model left unchanged")
-        if cfg.recalibrate_norms:
-            snapshot = read_weights(model, list(results))
-            write_weights(model, {name: r.weight for name, r in results.items()})
-            try:
-                t = time.perf_counter()
-                report.norms_recalibrated = recalibrate_batchnorm(model, norm)
-                timings["recalibrate_norms"] = time.perf_counter() - t
-            except BaseException:
-                write_weights(model, snapshot)  # all or nothing
-                raise
+        written = set(journal.written)  # the sequential pass wrote its groups as it went
+        pending = {name: r.weight for name, r in results.items() if name not in written}
+        if written or cfg.recalibrate_norms:
+            journal.write(pending)  # undoable: a later step may still fail
         else:
-            write_weights(model, {name: r.weight for name, r in results.items()})
+            write_weights(model, pending)  # validated before anything is written: all or nothing
+        if cfg.recalibrate_norms:
+            t = time.perf_counter()
+            report.norms_recalibrated = recalibrate_batchnorm(model, norm)
+            timings["recalibrate_norms"] = time.perf_counter() - t
+    except BaseException:
+        journal.rollback()  # all or nothing: every weight written so far is put back
+        raise
     finally:
+        journal.close()
         model.train(was_training)
     report.sites = [SiteReport(r.name, r.pattern, r.sparsity, r.rel_error, s.params, r.seconds, r.note,
                                layout=layout_name(s.transposed))
@@ -260,8 +263,10 @@ def fisher_loss(cfg: SparsifyConfig, loss_fn: LossFn | None) -> LossFn | None:
 
 def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: list[Any], cfg: SparsifyConfig,
          sequential: bool, loss_fn: LossFn | None, progress: bool, timings: dict[str, float],
-         report: SparsityReport) -> dict[str, SiteResult]:
-    """Gradients (MOONSHOT), alpha search, calibration and pruning; returns results, writes nothing."""
+         report: SparsityReport, journal: WeightJournal) -> dict[str, SiteResult]:
+    """Gradients (MOONSHOT), alpha search, calibration and pruning; returns results. The
+    sequential pass writes each group's weights through ``journal`` as it goes (so no copy of
+    the pruned weights is held); the other paths write nothing."""
     if cfg.method == "magnitude":
         t = time.perf_counter()
         out = {r.name: r for g in group_sites(sites).values() for r in prune_group(g, NoStats(), model, cfg)}
@@ -305,7 +310,8 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
         bar = progress_bar(progress, "prune (sequential)", len(groups))(range(len(groups)))
         it = iter(bar)
         results = sequential_prune(captured, model, sites, flat, cfg, row_weights=row_weights,
-                                   sample_fishers=sample_fishers, alpha=alpha, on_group=lambda _r: next(it, None))
+                                   sample_fishers=sample_fishers, alpha=alpha, on_group=lambda _r: next(it, None),
+                                   journal=journal)
         for _ in it:
             pass
     else:

@@ -27,6 +27,7 @@ from moonshot_fx import distributed
 from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.errors import CalibrationError
 
+from .apply import WeightJournal
 from .calibrate import StatsCollector, accumulation_key, needs_diagonal_only
 from .capture import CapturedGraph
 from .discover import Site
@@ -48,8 +49,15 @@ def sequential_prune(
     sample_fishers: dict[str, torch.Tensor] | None = None,
     alpha: float | None = None,
     on_group: Callable[[list[SiteResult]], None] = lambda r: None,
+    journal: WeightJournal | None = None,
 ) -> dict[str, SiteResult]:
-    """Prune every site sequentially; returns name → result (the model is not modified)."""
+    """Prune every site sequentially; returns name → result.
+
+    Without ``journal`` the model is not modified: later parts run with the pruned values as
+    substitutes, and each result holds its own pruned tensor. With one, each group's result is
+    written into the model as soon as it is pruned (the journal keeps the dense values on disk
+    for a rollback) and the result's ``weight`` is the model's own storage — no second copy of
+    the pruned weights is held."""
     substitutes: dict[str, torch.Tensor] = {}
     results: dict[str, SiteResult] = {}
     mix_alpha = alpha if (config.method == "moonshot" and config.fisher in ("token", "row") and alpha is not None
@@ -66,8 +74,13 @@ def sequential_prune(
         group_results = prune_group(collector.groups[group], stats, model, config, weights=substitutes,
                                     sample_fishers=sample_fishers, alpha=alpha)
         distributed.broadcast_results(group_results)
+        if journal is not None:
+            written = journal.write({r.name: r.weight for r in group_results})
         for r in group_results:
-            substitutes[r.name] = r.weight
+            if journal is not None:
+                r.weight = written[r.name]
+            else:
+                substitutes[r.name] = r.weight
             results[r.name] = r
         on_group(group_results)
 
