@@ -95,6 +95,7 @@ TITLES = {
     "quality-block_smollm2": "SmolLM2-135M: quality, all methods, block sequential unit",
     "quality-group_smollm2": "SmolLM2-135M: quality, group sequential unit (earlier runs: see each row's run in the JSON)",
     "sweep_smollm2": "SmolLM2-135M: quality against sparsity (30–70% and 2:4, calibration seed 0)",
+    "layers_smollm2": "SmolLM2-135M at 2:4: per-layer relative reconstruction error (calibration seed 0)",
     "peers_smollm2": "SmolLM2-135M: against llm-compressor",
     "peers_agreement_smollm2": "SmolLM2-135M: our SparseGPT and llm-compressor's on identical inputs",
     "speed_smollm2": "SmolLM2-135M: pruning time and memory, ratios to SparseGPT",
@@ -222,7 +223,7 @@ def _seed_section(stem: str, docs: dict[int, dict[str, Any]]) -> list[str]:
 #: the first match wins, and the last group takes every file no other group claims
 GROUPS: list[tuple[str, Callable[[str], bool]]] = [
     ("Quality: how much does pruning cost, per method",
-     lambda s: (s.startswith("quality") and not s[7:8].isdigit()) or s.startswith("sweep")),
+     lambda s: (s.startswith("quality") and not s[7:8].isdigit()) or s.startswith(("sweep", "layers"))),
     ("Against peers: llm-compressor on the same model and data", lambda s: s.startswith("peers")),
     ("Speed and memory", lambda s: s.startswith("speed") or s.startswith("scale")),
     ("Deployment", lambda s: s.startswith("deploy")),
