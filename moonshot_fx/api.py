@@ -209,7 +209,8 @@ def sparsify(
             warnings.warn(f"keeping {len(misfits)} layer(s) dense, their input size does not fit the N:M pattern "
                           "(strict=True raises instead): " + "; ".join(f"{n}: {r}" for n, r in misfits.items()),
                           PatternWarning, stacklevel=2)
-        sequential = cfg.sequential if cfg.sequential is not None else len(sites) >= AUTO_SEQUENTIAL_SITES
+        sequential = cfg.sequential if cfg.sequential is not None else (
+            len(sites) >= AUTO_SEQUENTIAL_SITES or cfg.reconstruct == "region")  # region refits need it
         skipped = dense_reasons(all_sites, cfg, prune_head=prune_head)
         skipped.update(misfits)
         skipped.update(unsupported_weights(model, all_sites))
