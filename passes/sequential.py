@@ -11,6 +11,10 @@ two granularities (``SparsifyConfig.sequential_unit``):
 * ``"group"`` — "true sequential": each input group is pruned as soon as its statistics are
   complete, so later groups of the same block (o_proj after q/k/v) already see pruned inputs.
 
+With ``SparsifyConfig.reconstruct="region"`` the block loop runs for either unit (the group unit
+prunes inside the block's calibration pass), and each pruned block is re-run region by region,
+refitting each region's end to the dense region's output (:mod:`.region`).
+
 Only one block's (or group's) statistics are alive at a time, and values die after their last
 user, so memory follows the widest activation, not the depth. The run stops after the last site.
 """

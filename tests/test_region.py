@@ -264,3 +264,46 @@ def test_region_options_are_validated() -> None:
         moonshot_fx.SparsifyConfig(reconstruct="region", region_holdout=1.0)
     cfg = moonshot_fx.SparsifyConfig(reconstruct="region", region_holdout=0.5)
     assert moonshot_fx.SparsifyConfig.from_dict(cfg.to_dict()) == cfg
+
+
+class BasicBlock(nn.Module):
+    """A ResNet basic block; ``stride`` 2 adds a 1×1 conv shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.layers = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8), BasicBlock(8, 16, 2))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layers(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_region_on_a_resnet_refits_the_residual_branch_convs() -> None:
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(16, 3, 8, 8, generator=g) for _ in range(4)]
+    moonshot_fx.sparsify(model, batches[0], calibration=batches, sparsity="2:4", method="sparsegpt",
+                         exclude=("stem.weight",), recalibrate_norms=False, progress=False, reconstruct="region")
+    notes = _notes(model)
+    # identity blocks end at conv2; the strided block's conv2 and shortcut meet in one add, whose
+    # other operand is no skip input of the block: it has no region end
+    assert set(notes) == {"layers.0.conv2.weight", "layers.1.conv2.weight"}
+    for name, (kind, before, refit) in notes.items():
+        assert (refit < before) == (kind == "kept"), name
+        assert check_pattern(model.get_parameter(name).detach(), "2:4"), name
