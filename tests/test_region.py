@@ -1,9 +1,16 @@
 """Region reconstruction: the masked least-squares refit (closed forms) and its plumbing."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+import torch.nn as nn
+from test_sequential import Block as Residual  # x + fc2(relu(fc1 x))
 
+import moonshot_fx
+from moonshot_fx.masks import check_pattern
+from moonshot_fx.passes.region import split_rows
 from moonshot_fx.region import cross_stats, masked_refit, refit_with_holdout, region_error
 
 
@@ -84,28 +91,10 @@ def test_holdout_reverts_an_overfitted_refit() -> None:
 # ------------------------------------------------------------------------------------------------
 # plumbing: sparsify(reconstruct="region")
 # ------------------------------------------------------------------------------------------------
-import re  # noqa: E402
-
-import torch.nn as nn  # noqa: E402
-
-import moonshot_fx  # noqa: E402
-from moonshot_fx.masks import check_pattern  # noqa: E402
-from moonshot_fx.passes.region import split_rows  # noqa: E402
-
 NOTE = re.compile(r"region refit (kept|reverted): held-out region error ([0-9.e+-]+)(?: -> ([0-9.e+-]+)| \(refit ([0-9.e+-]+)\))")
 
 
-class Residual(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(16, 32)
-        self.fc2 = nn.Linear(32, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(torch.relu(self.fc1(x)))
-
-
-class Plain(Residual):
+class Plain(Residual):  # the same block without its skip
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
 
