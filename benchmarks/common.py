@@ -109,13 +109,17 @@ def parse_method(label: str) -> MethodSpec:
     ``moonshot-optima``, ``optima``, ``magnitude``, ``wanda``; a ``+bn`` suffix adds BatchNorm
     re-estimation (``recalibrate_norms=True``), and a label without it passes
     ``recalibrate_norms=False`` (the library's default re-estimates for BatchNorm models, and the
-    rows without ``+bn`` are the plain method); an ``@group`` / ``@block`` suffix sets
+    rows without ``+bn`` are the plain method); a ``+region`` suffix (after ``+bn`` if both) adds
+    ``reconstruct="region"``; an ``@group`` / ``@block`` suffix sets
     ``sequential_unit``."""
     extra: dict[str, Any] = {}
     core = label
     if "@" in core:
         core, unit = core.rsplit("@", 1)
         extra["sequential_unit"] = unit
+    if core.endswith("+region"):  # region reconstruction after each block (SparsifyConfig.reconstruct)
+        core = core[: -len("+region")]
+        extra["reconstruct"] = "region"
     if core.endswith("+bn"):  # re-estimate BatchNorm statistics after pruning
         core = core[:-3]
         extra["recalibrate_norms"] = True

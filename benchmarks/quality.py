@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,9 @@ def run(args: argparse.Namespace) -> Path:
                    "sparsity": report.overall_sparsity, "sites": len(report.sites),
                    "site_errors": {s.name: (s.rel_error if math.isfinite(s.rel_error) else None)
                                    for s in report.sites}}
+            summary = region_summary(report)
+            if summary:
+                row["region"] = summary
             doc["rows"].append(row)
             print(f"{pattern:>5} {label:<24} {settings['metric']} {_show(q)}  prune {wall:7.1f}s  "
                   f"peak RSS {peak / 2**20:7.0f} MB  alpha {report.alpha}", flush=True)
@@ -130,6 +134,30 @@ def run(args: argparse.Namespace) -> Path:
 
     render_all()
     return out_path
+
+
+_REGION_NOTE = re.compile(r"region refit (kept|reverted): held-out region error ([0-9.e+-]+)"
+                          r"(?: -> ([0-9.e+-]+)| \(refit ([0-9.e+-]+)\))")
+
+
+def region_summary(report: Any) -> dict[str, Any] | None:
+    """Region reconstruction's outcome from the report's site notes: how many region ends kept
+    or reverted their refit, and the held-out region errors (relative) before / after, per site
+    and as means; None when no site was refit."""
+    sites = {}
+    for s in report.sites:
+        m = _REGION_NOTE.search(s.note or "")
+        if m:
+            before, refit = float(m.group(2)), float(m.group(3) or m.group(4))
+            sites[s.name] = {"kept": m.group(1) == "kept", "holdout_before": before, "holdout_refit": refit,
+                             "holdout_after": refit if m.group(1) == "kept" else before}
+    if not sites:
+        return None
+    n = len(sites)
+    return {"kept": sum(v["kept"] for v in sites.values()), "reverted": sum(not v["kept"] for v in sites.values()),
+            "holdout_before_mean": sum(v["holdout_before"] for v in sites.values()) / n,
+            "holdout_after_mean": sum(v["holdout_after"] for v in sites.values()) / n,
+            "raised": sum(v["holdout_after"] > v["holdout_before"] for v in sites.values()), "sites": sites}
 
 
 def _show(q: dict[str, float]) -> str:

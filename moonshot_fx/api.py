@@ -199,7 +199,8 @@ def sparsify(
             warnings.warn(f"keeping {len(misfits)} layer(s) dense, their input size does not fit the N:M pattern "
                           "(strict=True raises instead): " + "; ".join(f"{n}: {r}" for n, r in misfits.items()),
                           PatternWarning, stacklevel=2)
-        sequential = cfg.sequential if cfg.sequential is not None else len(sites) >= AUTO_SEQUENTIAL_SITES
+        sequential = cfg.sequential if cfg.sequential is not None else (
+            len(sites) >= AUTO_SEQUENTIAL_SITES or cfg.reconstruct == "region")  # region refits need it
         skipped = dense_reasons(all_sites, cfg, prune_head=prune_head)
         skipped.update(misfits)
         skipped.update(unsupported_weights(model, all_sites))
@@ -311,7 +312,9 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
         it = iter(bar)
         results = sequential_prune(captured, model, sites, flat, cfg, row_weights=row_weights,
                                    sample_fishers=sample_fishers, alpha=alpha, on_group=lambda _r: next(it, None),
-                                   journal=journal)
+                                   # region refits need the dense weights in the model and the pruned
+                                   # ones as substitutes until the end, so they keep the in-memory copy
+                                   journal=None if cfg.reconstruct == "region" else journal)
         for _ in it:
             pass
     else:

@@ -108,6 +108,9 @@ DEFAULT_EXCLUDE = ("*embed*", "*lm_head*", "*wte*", "*wpe*", "*classifier*", "fc
 #: what happens to an expert that no calibration token was routed to
 UNROUTED_EXPERTS = ("magnitude", "dense")
 
+#: ``SparsifyConfig.reconstruct``: after-pruning reconstruction of the kept weights
+RECONSTRUCT = (None, "region")
+
 
 @dataclass(frozen=True)
 class SparsifyConfig:
@@ -176,6 +179,15 @@ class SparsifyConfig:
             calibration token was routed to has no statistics: ``"magnitude"`` prunes it by
             magnitude (its report row's ``note`` says so), ``"dense"`` leaves it dense (listed in
             ``report.skipped``).
+        reconstruct: ``None`` (default) or ``"region"``: inside the sequential pass, after each
+            repeated block is pruned, refit the kept weights (mask fixed) of every matrix that
+            ends a sub-block (attention's output projection, the MLP's down projection, a
+            residual branch's last conv) so that its output matches the dense sub-block's output
+            on the same inputs (masked least squares, :mod:`moonshot_fx.region`); a refit is kept
+            only where it lowers that error on held-out calibration rows. Needs calibration data
+            and the sequential pass (``sequential`` None or True, not ``method="magnitude"``).
+        region_holdout: the fraction of calibration batches (of rows, with one batch) held out
+            to accept or revert each region refit, in (0, 1).
     """
 
     sparsity: PatternLike = 0.5
@@ -200,6 +212,8 @@ class SparsifyConfig:
     device: Union[str, None] = None
     recalibrate_norms: Union[bool, None] = None
     unrouted_experts: str = "magnitude"
+    reconstruct: Union[str, None] = None
+    region_holdout: float = 0.25
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -237,6 +251,14 @@ class SparsifyConfig:
             raise ConfigError(f"unknown sequential_unit {self.sequential_unit!r}: choose 'auto', 'block' or 'group'.")
         if self.unrouted_experts not in UNROUTED_EXPERTS:
             raise ConfigError(f"unknown unrouted_experts {self.unrouted_experts!r}: choose 'magnitude' or 'dense'.")
+        if self.reconstruct not in RECONSTRUCT:
+            raise ConfigError(f"unknown reconstruct {self.reconstruct!r}: choose None (off) or 'region'.")
+        if self.reconstruct == "region" and (self.method == "magnitude" or self.sequential is False):
+            raise ConfigError(
+                "reconstruct='region' refits pruned blocks inside the sequential pass on calibration data: "
+                "it needs sequential=None or True and a data-driven method (not magnitude).")
+        if not (isinstance(self.region_holdout, (int, float)) and 0.0 < float(self.region_holdout) < 1.0):
+            raise ConfigError(f"region_holdout must be a fraction in (0, 1), got {self.region_holdout!r}")
         if not self.dampening > 0:
             raise ConfigError(f"dampening must be > 0, got {self.dampening}")
         if self.blocksize < 1:

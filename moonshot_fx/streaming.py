@@ -181,6 +181,9 @@ def _make_config(sparsity: Any, method: str, options: Mapping[str, Any]) -> Spar
                           "back through every later layer, which a layer-by-layer pass does not hold. Stream with "
                           "method='sparsegpt', 'optima', 'wanda' or 'magnitude', or prune in memory with "
                           "moonshot_fx.sparsify.")
+    if cfg.reconstruct is not None:
+        raise ConfigError(f"reconstruct={cfg.reconstruct!r} is not available in streaming mode yet; prune in memory "
+                          "with moonshot_fx.sparsify, or stream without it.")
     return cfg.replace(sequential_unit=default_sequential_unit(cfg))
 
 

@@ -11,6 +11,10 @@ two granularities (``SparsifyConfig.sequential_unit``):
 * ``"group"`` — "true sequential": each input group is pruned as soon as its statistics are
   complete, so later groups of the same block (o_proj after q/k/v) already see pruned inputs.
 
+With ``SparsifyConfig.reconstruct="region"`` the block loop runs for either unit (the group unit
+prunes inside the block's calibration pass), and each pruned block is re-run region by region,
+refitting each region's end to the dense region's output (:mod:`.region`).
+
 Only one block's (or group's) statistics are alive at a time, and values die after their last
 user, so memory follows the widest activation, not the depth. The run stops after the last site.
 """
@@ -25,7 +29,7 @@ import torch.nn as nn
 
 from moonshot_fx import distributed
 from moonshot_fx.config import SparsifyConfig
-from moonshot_fx.errors import CalibrationError
+from moonshot_fx.errors import CalibrationError, ConfigError
 
 from .apply import WeightJournal
 from .calibrate import StatsCollector, accumulation_key, needs_diagonal_only
@@ -33,7 +37,8 @@ from .capture import CapturedGraph
 from .discover import Site
 from .partition import block_key, segments
 from .prune import SiteResult, prune_group
-from .runner import GraphRunner
+from .region import RegionReconstructor
+from .runner import GraphRunner, SiteHook
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +89,24 @@ def sequential_prune(
             results[r.name] = r
         on_group(group_results)
 
-    if config.sequential_unit == "block":
-        _run_blocks(captured, sites, flat_batches, collector, substitutes, prune)
+    region = RegionReconstructor(model, config, substitutes, results) if config.reconstruct == "region" else None
+    if region is not None and distributed.is_distributed():
+        raise ConfigError("reconstruct='region' runs in one process only: drop it or run without torchrun.")
+    if config.sequential_unit == "block" or region is not None:
+        group_hook = _group_hook(collector, prune) if config.sequential_unit == "group" else None
+        _run_blocks(captured, sites, flat_batches, collector, substitutes, prune, group_hook=group_hook, region=region)
         return results
+    runner = GraphRunner(captured, sites, weights=substitutes)
+    with torch.no_grad():
+        runner.run(flat_batches, on_site=_group_hook(collector, prune), stop_after=runner.last_site_node())
+    return results
+
+
+def _group_hook(collector: StatsCollector, prune: Callable[[str], None]) -> SiteHook:
+    """``on_site`` hook of the group unit: accumulate, and prune a group once its last use is seen."""
     remaining_nodes = {g: [accumulation_key(n, s) for s in ss for n in s.nodes
                            if collector.accumulate_at.get(accumulation_key(n, s)) == g]
                        for g, ss in collector.groups.items()}
-    runner = GraphRunner(captured, sites, weights=substitutes)
 
     def on_site(node: fx.Node, site: Site, xs: list[torch.Tensor]) -> None:
         group = collector.group_at(node, site)
@@ -102,15 +118,19 @@ def sequential_prune(
             return  # a parameter used at several places: prune after its last use is seen
         prune(group)
 
-    with torch.no_grad():
-        runner.run(flat_batches, on_site=on_site, stop_after=runner.last_site_node())
-    return results
+    return on_site
 
 
 def _run_blocks(captured: CapturedGraph, sites: Sequence[Site], flat_batches: list[list[Any]],
                 collector: StatsCollector, substitutes: dict[str, torch.Tensor],
-                prune: Callable[[str], None]) -> None:
-    """Block-level loop: per segment, calibrate with dense block weights, prune, re-run."""
+                prune: Callable[[str], None], *, group_hook: SiteHook | None = None,
+                region: RegionReconstructor | None = None) -> None:
+    """Block-level loop: per segment, calibrate and prune, then re-run the segment pruned.
+
+    Calibration runs on a copy of the segment's inputs: with the block's weights dense, pruning
+    every group after it (block unit), or through ``group_hook``, which prunes each group as its
+    statistics complete (group unit, only used with ``region``). ``region`` re-runs the pruned
+    segment region by region, refitting each region's end (:mod:`.region`)."""
     runner = GraphRunner(captured, sites, weights=substitutes)
     nodes = runner.site_nodes()
     by_name = {n.name: n for n in nodes}
@@ -123,12 +143,14 @@ def _run_blocks(captured: CapturedGraph, sites: Sequence[Site], flat_batches: li
         for i, seg in enumerate(segs):
             last = by_name[seg[-1]]
             final = i == len(segs) - 1
-            # calibration pass: this block's weights are still dense (the last block needs no copy)
-            scratch = env if final else dict(env)
-            runner.advance(scratch, nb, pos, on_site=collector, stop_at=last, execute_stop=False)
+            # calibration pass on a copy (the last block needs none, unless it is reconstructed)
+            scratch = env if final and region is None else dict(env)
+            runner.advance(scratch, nb, pos, on_site=group_hook or collector, stop_at=last, execute_stop=False)
             del scratch
-            # every group of the segment's nodes (a grouped expert product carries one per expert)
-            for group in dict.fromkeys(s.group for n in seg for s in runner.sites_of_node[by_name[n]]):
-                prune(group)
-            if not final:  # propagate with the pruned weights; nothing reads the last block's output
+            if group_hook is None:  # every group of the segment's nodes (a grouped expert product: one per expert)
+                for group in dict.fromkeys(s.group for n in seg for s in runner.sites_of_node[by_name[n]]):
+                    prune(group)
+            if region is not None:
+                pos = region.run_segment(runner, env, nb, pos, [by_name[n] for n in seg], final)
+            elif not final:  # propagate with the pruned weights; nothing reads the last block's output
                 _, pos = runner.advance(env, nb, pos, stop_at=last)

@@ -89,3 +89,31 @@ def test_results_md_groups_by_question_and_shows_c4() -> None:
     titles = [t for t, _ in render.GROUPS]
     assert render.GROUPS[render._group_of("exp18x_smollm2")][0] == titles[-1]
     assert render.GROUPS[render._group_of("peers_smollm2")][0] == titles[1]
+
+
+def test_region_label_and_summary() -> None:
+    """``+region`` passes ``reconstruct="region"``; the quality row's summary reads the report notes."""
+    import importlib
+
+    import torch
+
+    import moonshot_fx
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        common, quality = importlib.import_module("common"), importlib.import_module("quality")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    spec = common.parse_method("optima+region")
+    assert spec.method == "optima" and spec.kwargs()["reconstruct"] == "region"
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 4))  # the last one is the head, kept dense
+    moonshot_fx.sparsify(model, calibration=[torch.randn(32, 16) for _ in range(4)], sparsity=0.5,
+                         progress=False, reconstruct="region")
+    assert quality.region_summary(model.moonshot_report) is None  # no residual add: nothing refit
+    model.moonshot_report.sites[0].note = "region refit kept: held-out region error 0.2 -> 0.1"
+    model.moonshot_report.sites[1].note = "region refit reverted: held-out region error 0.3 (refit 0.4)"
+    got = quality.region_summary(model.moonshot_report)
+    assert (got["kept"], got["reverted"], got["raised"]) == (1, 1, 0)
+    assert got["holdout_before_mean"] == pytest.approx(0.25) and got["holdout_after_mean"] == pytest.approx(0.2)

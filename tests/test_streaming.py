@@ -127,6 +127,8 @@ def test_bad_options_raise_before_writing(src: Path, tmp_path: Path) -> None:
         moonshot_fx.sparsify_checkpoint(src, tmp_path / "a", calibration=_calib(), method="moonshot")
     with pytest.raises(ConfigError, match="unknown"):
         moonshot_fx.sparsify_checkpoint(src, tmp_path / "b", calibration=_calib(), bogus=1)
+    with pytest.raises(ConfigError, match="reconstruct"):
+        moonshot_fx.sparsify_checkpoint(src, tmp_path / "d", calibration=_calib(), reconstruct="region")
     with pytest.raises(MoonshotError, match="needs calibration"):
         moonshot_fx.sparsify_checkpoint(src, tmp_path / "c", method="sparsegpt")
     with pytest.raises(ConfigError, match="source"):
