@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.errors import CalibrationError
+from moonshot_fx.memory import release_freed_memory
 from moonshot_fx.stats import (LayerStats, accumulate_hessian, input_rows, kron_output_factor, output_rows, sample_fisher, squared_row_norms,
                                token_fisher,
                                weight_fisher_diagonal)
@@ -27,6 +28,7 @@ from .capture import CapturedGraph
 from .discover import Site
 from .losses import LossFn, default_loss, is_label_free_classifier, output_logits  # noqa: F401 - re-exported
 from .runner import GraphRunner
+from .segment_backward import backward_by_segments, block_cuts
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +178,7 @@ def collect_gradients(
     clusters: dict[str, int] | None = None,
     kron_max_width: int | None = None,
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda x: x,
+    segmented: bool = True,
 ) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor], float]:
     """Backward passes of the loss; returns ``(row_weights, sample_fisher, mean_loss)``.
 
@@ -188,12 +191,16 @@ def collect_gradients(
     ``sample_fisher[site]`` is ``Σ_k G_kᵀG_k`` over all samples (sample kind, fp32), or the
     per-weight diagonal ``Σ_t δ_ti² x_tj²`` shaped like the weight matrix (weight kind).
     With the default loss the backward runs ``micro_batch`` samples at a time, so the memory of
-    autograd's saved activations (and an LM's logits) does not grow with the batch size.
+    autograd's saved activations (and an LM's logits) does not grow with the batch size; with
+    ``segmented`` (default) it also runs one repeated block at a time
+    (:mod:`.segment_backward`), so it does not grow with depth either.
     """
     loss_fn = loss_fn or default_loss
     splittable = loss_fn is default_loss or getattr(loss_fn, "per_sample", False)
     clusters = clusters or {}
     runner = GraphRunner(captured, sites)
+    cuts = block_cuts(runner) if segmented else []
+    node_order = {n.name: i for i, n in enumerate(runner.nodes)}
     params = [p for p in captured.gm.parameters()]
     flags = [p.requires_grad for p in params]
     plain = [s for s in sites if s.slice_index is None]
@@ -223,14 +230,30 @@ def collect_gradients(
                 def on_output(node: fx.Node, outs: list[Any]) -> None:
                     outputs[node.name] = outs
 
-                with torch.enable_grad():
-                    flat = runner.run([captured.flat_inputs(args, kwargs)], on_site=on_site, on_output=on_output)
-                    assert flat is not None
-                    losses = loss_fn(captured.unflatten(flat[0]), args, kwargs)
-                    if losses.dim() != 1:
+                def losses_of(flat_out: list[Any], args: Any = args, kwargs: Any = kwargs) -> torch.Tensor:
+                    out = loss_fn(captured.unflatten(flat_out), args, kwargs)
+                    if out.dim() != 1:
                         raise CalibrationError("loss_fn must return per-sample losses of shape (batch,)")
-                    names = list(outputs)
-                    grads = torch.autograd.grad(losses.sum(), [outputs[n][0] for n in names], allow_unused=True)
+                    return out
+
+                # block by block with recomputation (bounded memory), else one backward
+                seg = backward_by_segments(runner, captured.flat_inputs(args, kwargs), losses_of, cuts,
+                                           on_site) if cuts else None
+                if seg is not None:
+                    losses, seg_outputs, seg_grads = seg
+                    names = sorted(seg_outputs, key=node_order.__getitem__)  # graph order, as below
+                    outputs.update({n: [seg_outputs[n]] for n in names})
+                    grads = tuple(seg_grads[n] for n in names)
+                    del seg, seg_outputs, seg_grads
+                else:
+                    inputs.clear()
+                    node_sites.clear()
+                    with torch.enable_grad():
+                        flat = runner.run([captured.flat_inputs(args, kwargs)], on_site=on_site, on_output=on_output)
+                        assert flat is not None
+                        losses = losses_of(flat[0])
+                        names = list(outputs)
+                        grads = torch.autograd.grad(losses.sum(), [outputs[n][0] for n in names], allow_unused=True)
                 total += float(losses.detach().sum())
                 count += losses.shape[0]
                 samples = losses.shape[0]
@@ -282,7 +305,8 @@ def collect_gradients(
                             fishers[site.name] = fishers[site.name].add_(upd) if site.name in fishers else upd
                 inputs.clear()
                 outputs.clear()
-                del grads
+                del grads, per_site
+                release_freed_memory()  # the chunk's activations: back to the OS, not kept in the heap
             if kind in ("token", "row", "kron"):  # per batch: uses in graph order, each over all its samples
                 for site in plain:
                     row_weights[site.name].append(torch.cat([torch.cat(parts) for parts in batch_rows[site.name]]))

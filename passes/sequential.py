@@ -30,6 +30,7 @@ import torch.nn as nn
 from moonshot_fx import distributed
 from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.errors import CalibrationError, ConfigError
+from moonshot_fx.memory import release_freed_memory
 
 from .apply import WeightJournal
 from .calibrate import StatsCollector, accumulation_key, needs_diagonal_only
@@ -88,6 +89,7 @@ def sequential_prune(
                 substitutes[r.name] = r.weight
             results[r.name] = r
         on_group(group_results)
+        release_freed_memory()  # the group's statistics and solver temporaries: back to the OS
 
     region = RegionReconstructor(model, config, substitutes, results) if config.reconstruct == "region" else None
     if region is not None and distributed.is_distributed():
@@ -147,6 +149,7 @@ def _run_blocks(captured: CapturedGraph, sites: Sequence[Site], flat_batches: li
             scratch = env if final and region is None else dict(env)
             runner.advance(scratch, nb, pos, on_site=group_hook or collector, stop_at=last, execute_stop=False)
             del scratch
+            release_freed_memory()  # the calibration pass's activations
             if group_hook is None:  # every group of the segment's nodes (a grouped expert product: one per expert)
                 for group in dict.fromkeys(s.group for n in seg for s in runner.sites_of_node[by_name[n]]):
                     prune(group)
