@@ -171,10 +171,13 @@ def stream_markdown(doc: dict[str, Any]) -> str:
         f"(sampling thread: {doc['peak_rss_sampled_mb'] / 1024:.2f} GiB). Sites pruned: {doc['sites']}, "
         f"{100 * doc['sparsity']:.1f}% of their weights zero; non-finite reconstruction errors: "
         f"{doc['nonfinite_errors']}.", "",
-        "| phase | seconds (layers run) | share | per layer |", "|---|---:|---:|---:|"]
+        "| phase | seconds (layers run) | share of the phases | per layer |", "|---|---:|---:|---:|"]
     total = sum(doc["phases_s"].values())
     for p, s in doc["phases_s"].items():
         lines.append(f"| {p} ({PHASE_NAMES[p]}) | {s:.1f} | {100 * s / total:.0f}% | {s / doc['blocks_run']:.1f} |")
+    other = sum(r["total"] for r in doc["blocks"]) - total  # report bookkeeping, freeing, malloc_trim
+    lines.append(f"| other, inside the layers (bookkeeping, freeing memory) | {other:.1f} | – | "
+                 f"{other / doc['blocks_run']:.1f} |")
     lines.append(f"| outside the layers (embeddings, head copy, index) | {doc['outside_blocks_s']:.1f} | – | – |")
     return "\n".join(lines)
 

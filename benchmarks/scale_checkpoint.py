@@ -130,6 +130,9 @@ def write_checkpoint(shape: str, cache: Path, *, seed: int = 0, shard_bytes: int
                  "weight_map": weight_map}
         (tmp / "config.json").write_text(json.dumps(spec.config(), indent=2) + "\n", encoding="utf-8")
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 → an ordinary directory
         os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
