@@ -96,8 +96,28 @@ def accumulate_hessian(h: torch.Tensor | None, rows: torch.Tensor, weights: torc
     else:
         w = weights.to(MATMUL_DTYPE)
         update = gram(x * w.sqrt().unsqueeze(1)) if bool((w >= 0).all()) else (x * w.unsqueeze(1)).T @ x
-    update = update.to(ACC_DTYPE)
-    return update if h is None else h.add_(update)
+    if h is None:
+        return update.to(ACC_DTYPE)
+    return _add_by_rows_(h, update)
+
+
+def _add_by_rows_(h: torch.Tensor, update: torch.Tensor, rows_per_chunk: int = 256) -> torch.Tensor:
+    """``h += update`` (fp64 += fp32) a chunk of rows at a time: a mixed-dtype ``add_`` converts
+    the whole update first (a 13824-wide Hessian's fp64 copy is 1.5 GB); the bits are the same."""
+    flat_h, flat_u = h.view(-1, h.shape[-1]), update.reshape(-1, update.shape[-1])
+    for i in range(0, flat_h.shape[0], rows_per_chunk):
+        flat_h[i:i + rows_per_chunk].add_(flat_u[i:i + rows_per_chunk])
+    return h
+
+
+def _divided_to_fp32(h: torch.Tensor, n: int, rows_per_chunk: int = 256) -> torch.Tensor:
+    """``(h / n).to(float32)``, bit for bit, a chunk of rows at a time: no full-size temporary in
+    ``h``'s dtype (for a 13824-wide fp64 Hessian that temporary would be 1.5 GB)."""
+    out = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+    flat_in, flat_out = h.reshape(-1, h.shape[-1]), out.view(-1, h.shape[-1])
+    for i in range(0, flat_in.shape[0], rows_per_chunk):
+        flat_out[i:i + rows_per_chunk] = flat_in[i:i + rows_per_chunk] / n
+    return out
 
 
 def squared_row_norms(rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -278,7 +298,7 @@ class LayerStats:
             from .errors import CalibrationError
 
             raise CalibrationError("no calibration rows reached this layer; is it used by the forward pass?")
-        mean = (self.hessian / max(1, self.rows)).to(torch.float32)
+        mean = _divided_to_fp32(self.hessian, max(1, self.rows))
         if self.diagonal_only:
             mean = torch.diag(mean)
         if not torch.isfinite(mean).all():

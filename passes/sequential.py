@@ -64,7 +64,7 @@ def sequential_prune(
             raise CalibrationError(f"no calibration data reached the input of {group!r}; is it used by forward?")
         distributed.reduce_stats(stats)  # no-op in one process
         group_results = prune_group(collector.groups[group], stats, model, config, weights=substitutes,
-                                    sample_fishers=sample_fishers, alpha=alpha)
+                                    sample_fishers=sample_fishers, alpha=alpha, release=True)
         distributed.broadcast_results(group_results)
         for r in group_results:
             substitutes[r.name] = r.weight

@@ -45,6 +45,7 @@ def sparsegpt_prune(
     if hinv_upper is None:
         H, _ = prepare_hessian(hessian, W)
         U = inverse_cholesky_upper(H, dampening)
+        del H  # only U is needed from here on
     else:
         dead = torch.diagonal(hessian) == 0
         W[:, dead] = 0
