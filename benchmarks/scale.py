@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -93,53 +94,69 @@ def stream(args: argparse.Namespace) -> dict[str, Any]:
     base_kb = status_kb("VmRSS")
     peaks_kb = [base_kb]
 
+    result = Path(args.results) / f"scale_{args.shape}.json"
+    sampled = PeakRSS(interval=0.05)
+    t = time.perf_counter()
+
     def on_layer(index: int, seconds: dict[str, float]) -> None:
         peak = status_kb("VmHWM")
         peaks_kb.append(peak)
         rows.append({"layer": index, **seconds, "peak_rss_mb": peak / 1024, "rss_after_mb": status_kb("VmRSS") / 1024})
         print(f"layer {index + 1}/{layers}: {seconds['total']:.1f}s, peak RSS {peak / 1024:.0f} MB", flush=True)
         reset_peak()
+        if index + 1 < layers:  # the figures so far, in case the run is stopped (SIGTERM) before the end
+            write_json(result, summarise(args, spec, None, rows, time.perf_counter() - t, base_kb, max(peaks_kb),
+                                         sampled.peak, exact, layers))
 
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # unwinds: the temporary output is removed
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         source = truncated_view(src, layers, work / "view") if layers < spec.layers else src
         out = Path(args.out) if args.out else work / "pruned"
-        with PeakRSS(interval=0.05) as sampled:
-            t = time.perf_counter()
+        with sampled:
             report = moonshot_fx.sparsify_checkpoint(source, out, calibration=calib, sparsity=args.pattern,
                                                      method=args.method, overwrite=bool(args.out),
                                                      on_layer=on_layer)
             wall = time.perf_counter() - t
         peaks_kb.append(status_kb("VmHWM"))
+    except KeyboardInterrupt:
+        print(f"stopped after {len(rows)} of {layers} layers; {result} holds the figures of those", flush=True)
+        raise SystemExit(130)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     doc = summarise(args, spec, report, rows, wall, base_kb, max(peaks_kb), sampled.peak, exact, layers)
-    write_json(Path(args.results) / f"scale_{args.shape}.json", doc)
+    write_json(result, doc)
     print(doc["markdown"])
     return doc
 
 
-def summarise(args: argparse.Namespace, spec: Any, report: Any, rows: list[dict[str, Any]], wall: float,
+def summarise(args: argparse.Namespace, spec: Any, report: Any | None, rows: list[dict[str, Any]], wall: float,
               base_kb: int, peak_kb: int, sampled_peak: int, exact: bool, layers: int) -> dict[str, Any]:
-    """The result document of ``stream`` (figures and their markdown)."""
+    """The result document of ``stream`` (figures and their markdown); ``report`` None: the run
+    is still going (or was stopped) after ``len(rows)`` of the ``layers`` requested."""
     n = len(rows)
     phases = {p: sum(r[p] for r in rows) for p in PHASES}
     block_mean = sum(r["total"] for r in rows) / n
     outside = wall - sum(r["total"] for r in rows)  # embeddings, non-layer tensors, index, side files
-    partial = layers < spec.layers
+    partial = n < spec.layers
     estimate = outside + block_mean * spec.layers
+    sites = report.sites if report is not None else []
     doc: dict[str, Any] = {
         "shape": args.shape, "config": {k: v for k, v in vars(spec).items()}, "params": spec.params(),
         "checkpoint_gb": spec.params() * 2 / 1e9, "dtype": "bfloat16", "pattern": args.pattern,
         "method": args.method, "calibration": f"{args.windows} windows x {args.seq} random token ids, seed {args.seed}",
-        "blocks_run": layers, "blocks_total": spec.layers, "partial": partial,
+        "blocks_run": n, "blocks_requested": layers, "blocks_total": spec.layers, "partial": partial,
+        "complete": report is not None,
         "peak_rss_mb": peak_kb / 1024, "peak_rss_sampled_mb": sampled_peak / MB, "baseline_rss_mb": base_kb / 1024,
         "peak_exact": exact, "goal_rss_mb": args.goal_gb * 1024, "wall_s": wall, "outside_blocks_s": outside,
         "block_mean_s": block_mean, "block_min_s": min(r["total"] for r in rows),
         "block_max_s": max(r["total"] for r in rows), "phases_s": phases,
         "wall_all_blocks_s": estimate if partial else wall, "wall_all_blocks_extrapolated": partial,
-        "sites": len(report.sites), "sparsity": report.overall_sparsity,
-        "nonfinite_errors": sum(1 for s in report.sites if not (s.rel_error == s.rel_error and abs(s.rel_error) < 1e30)),
-        "timings": report.timings, "blocks": rows, "machine": machine(),
+        "sites": len(sites), "sparsity": report.overall_sparsity if report is not None else None,
+        "nonfinite_errors": sum(1 for s in sites if not (s.rel_error == s.rel_error and abs(s.rel_error) < 1e30)),
+        "timings": report.timings if report is not None else None, "blocks": rows, "machine": machine(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "command": " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
@@ -152,6 +169,9 @@ def stream_markdown(doc: dict[str, Any]) -> str:
     scope = (f"the first **{doc['blocks_run']} of {doc['blocks_total']}** decoder layers (total for all "
              f"{doc['blocks_total']} **extrapolated** from their mean)" if doc["partial"]
              else f"all {doc['blocks_total']} decoder layers")
+    if not doc["complete"]:
+        scope += (f"; the run was **stopped after {doc['blocks_run']} of the {doc['blocks_requested']} layers "
+                  "requested** (no output checkpoint kept)")
     verdict = "within" if doc["peak_rss_mb"] <= doc["goal_rss_mb"] else "over"
     all_blocks = f"{doc['wall_all_blocks_s'] / 60:.1f} min" + (" (extrapolated)" if doc["partial"] else "")
     lines = [
@@ -168,9 +188,9 @@ def stream_markdown(doc: dict[str, Any]) -> str:
         f"{doc['baseline_rss_mb']:.0f} MB | {doc['wall_s']:.0f} s | {doc['block_mean_s']:.1f} / "
         f"{doc['block_min_s']:.1f} / {doc['block_max_s']:.1f} s | {all_blocks} |", "",
         f"Peak RSS: the kernel's high-water mark (VmHWM), read and reset after every layer "
-        f"(sampling thread: {doc['peak_rss_sampled_mb'] / 1024:.2f} GiB). Sites pruned: {doc['sites']}, "
-        f"{100 * doc['sparsity']:.1f}% of their weights zero; non-finite reconstruction errors: "
-        f"{doc['nonfinite_errors']}.", "",
+        f"(sampling thread: {doc['peak_rss_sampled_mb'] / 1024:.2f} GiB). "
+        + (f"Sites pruned: {doc['sites']}, {100 * doc['sparsity']:.1f}% of their weights zero; non-finite "
+           f"reconstruction errors: {doc['nonfinite_errors']}." if doc["complete"] else ""), "",
         "| phase | seconds (layers run) | share of the phases | per layer |", "|---|---:|---:|---:|"]
     total = sum(doc["phases_s"].values())
     for p, s in doc["phases_s"].items():
