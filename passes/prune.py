@@ -121,7 +121,7 @@ def prune_group(
         Hd = curvature.to(device) if curvature is not None else None
         new, _ = prune_layer(W, Hd, pattern, method=config.method, **options)
         if Hd is not None and not stats.diagonal_only:
-            base = cluster_quadratic_error(W, torch.zeros_like(W), Hd)
+            base = cluster_quadratic_error(W, W.new_zeros(()).expand_as(W), Hd)  # zeros without their storage
             rel = cluster_quadratic_error(W, new, Hd) / base if base > 0 else 0.0
         else:
             rel = float("nan")
