@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,12 +74,31 @@ def gram(x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
     if d < GRAM_BLOCKED_MIN:
         return x.T @ x
     out = torch.empty(d, d, dtype=x.dtype, device=x.device)
-    for start in range(0, d, block):
-        end = min(d, start + block)
-        col = x[:, :end].T @ x[:, start:end]  # (end, width): rows 0..end of this column block
+    for start, end, col in _gram_blocks(x, block):
         out[:end, start:end] = col
         out[start:end, :start] = col[:start].T
     return out
+
+
+def _gram_blocks(x: torch.Tensor, block: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """:func:`gram`'s column blocks ``(start, end, x[:, :end]ᵀ x[:, start:end])``: rows 0..end of
+    the block; the rows below are the mirror image of earlier blocks."""
+    d = x.shape[1]
+    for start in range(0, d, block):
+        end = min(d, start + block)
+        yield start, end, x[:, :end].T @ x[:, start:end]
+
+
+def _add_gram_(h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``h + gram(x)`` in ``ACC_DTYPE``, each fp32 column block added as it is formed: the same
+    bits as converting a whole ``gram(x)``, without its d×d fp32 temporary (0.76 GB at d=13824)."""
+    d = x.shape[1]
+    if h is None:
+        h = torch.zeros(d, d, dtype=ACC_DTYPE, device=x.device)
+    for start, end, col in _gram_blocks(x, GRAM_BLOCK):
+        h[:end, start:end] += col
+        h[start:end, :start] += col[:start].T
+    return h
 
 
 def accumulate_hessian(h: torch.Tensor | None, rows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,11 +110,13 @@ def accumulate_hessian(h: torch.Tensor | None, rows: torch.Tensor, weights: torc
     weights (squared gradient norms) go in as ``√w`` on both sides, so they take the symmetric path.
     """
     x = rows.to(MATMUL_DTYPE)
-    if weights is None:
-        update = gram(x)
-    else:
-        w = weights.to(MATMUL_DTYPE)
-        update = gram(x * w.sqrt().unsqueeze(1)) if bool((w >= 0).all()) else (x * w.unsqueeze(1)).T @ x
+    w = None if weights is None else weights.to(MATMUL_DTYPE)
+    symmetric = w is None or bool((w >= 0).all())
+    if symmetric and w is not None:
+        x = x * w.sqrt().unsqueeze(1)
+    if symmetric and x.dim() == 2 and x.shape[1] >= GRAM_BLOCKED_MIN:
+        return _add_gram_(h, x)
+    update = gram(x) if symmetric else (x * w.unsqueeze(1)).T @ x
     if h is None:
         return update.to(ACC_DTYPE)
     return _add_by_rows_(h, update)

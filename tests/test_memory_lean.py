@@ -19,6 +19,10 @@ def test_chunked_hessian_sum_and_mean_are_bit_identical() -> None:
         u = gram(x).to(torch.float64)
         ref = u if ref is None else ref + u
     assert torch.equal(h, ref)
+    w = torch.rand(300, generator=g)
+    hw = accumulate_hessian(accumulate_hessian(None, xs[0], w), xs[1], w)
+    refw = gram(xs[0] * w.sqrt().unsqueeze(1)).double() + gram(xs[1] * w.sqrt().unsqueeze(1)).double()
+    assert torch.equal(hw, refw)
     assert torch.equal(_divided_to_fp32(h, 900), (h / 900).to(torch.float32))
     batched = torch.stack([h[:40, :40], h[40:80, 40:80]])
     assert torch.equal(_divided_to_fp32(batched, 7, rows_per_chunk=3), (batched / 7).to(torch.float32))
