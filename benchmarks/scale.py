@@ -184,7 +184,8 @@ def stream_markdown(doc: dict[str, Any]) -> str:
         f"(`{doc['command']}`, {doc['date']}).", "",
         "| peak RSS | goal | baseline RSS (imports) | wall, layers run | per layer (mean / min / max) | all layers |",
         "|---:|---:|---:|---:|---:|---:|",
-        f"| **{doc['peak_rss_mb'] / 1024:.2f} GiB** ({verdict}) | {doc['goal_rss_mb'] / 1024:.0f} GiB | "
+        f"| **{doc['peak_rss_mb'] / 1024:.2f} GiB** ({doc['peak_rss_mb'] * MB / 1e9:.2f} GB; {verdict}) | "
+        f"{doc['goal_rss_mb'] / 1024:.0f} GiB | "
         f"{doc['baseline_rss_mb']:.0f} MB | {doc['wall_s']:.0f} s | {doc['block_mean_s']:.1f} / "
         f"{doc['block_min_s']:.1f} / {doc['block_max_s']:.1f} s | {all_blocks} |", "",
         f"Peak RSS: the kernel's high-water mark (VmHWM), read and reset after every layer "
@@ -192,6 +193,8 @@ def stream_markdown(doc: dict[str, Any]) -> str:
         + (f"Sites pruned: {doc['sites']}, {100 * doc['sparsity']:.1f}% of their weights zero; non-finite "
            f"reconstruction errors: {doc['nonfinite_errors']}." if doc["complete"] else ""), "",
         "| phase | seconds (layers run) | share of the phases | per layer |", "|---|---:|---:|---:|"]
+    if doc.get("note"):
+        lines[1:1] = ["", f"_Note: {doc['note']}_"]
     total = sum(doc["phases_s"].values())
     for p, s in doc["phases_s"].items():
         lines.append(f"| {p} ({PHASE_NAMES[p]}) | {s:.1f} | {100 * s / total:.0f}% | {s / doc['blocks_run']:.1f} |")
