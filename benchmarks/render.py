@@ -227,6 +227,7 @@ GROUPS: list[tuple[str, Callable[[str], bool]]] = [
     ("Against peers: llm-compressor on the same model and data", lambda s: s.startswith("peers")),
     ("Speed and memory", lambda s: s.startswith("speed") or s.startswith("scale")),
     ("Deployment", lambda s: s.startswith("deploy")),
+    ("Scale: a model larger than memory, and several processes", lambda s: s.startswith("scale")),
     ("Ablations and experiments", lambda s: True),
 ]
 

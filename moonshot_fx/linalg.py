@@ -41,10 +41,11 @@ def damped_cholesky(h: torch.Tensor, dampening: float = 0.01, max_tries: int = 6
     if not torch.isfinite(h).all():
         raise LinalgError("Hessian has non-finite entries (NaN/inf in calibration activations?).")
     lam = dampening
-    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
     for attempt in range(max_tries):
-        damped = h + (lam * scale).unsqueeze(-1) * eye
+        damped = h.clone()  # H + λ·scale·I without a d×d identity (memory: one copy of H, not three)
+        torch.diagonal(damped, dim1=-2, dim2=-1).add_(lam * scale)
         chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if not bool((info != 0).any()):
             if attempt:
                 log.info("Cholesky succeeded after raising dampening to %.3g", lam)
@@ -65,6 +66,7 @@ def inverse_cholesky_upper(h: torch.Tensor, dampening: float = 0.01, max_tries: 
     """
     chol, _ = damped_cholesky(h, dampening, max_tries)
     hinv = torch.cholesky_inverse(chol)
+    del chol  # at most two d×d factors alive at once
     upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
     if bool((info != 0).any()):  # numerically possible for very ill-conditioned H
         raise LinalgError("inverse Hessian lost positive definiteness; raise `dampening`.")

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,12 +74,31 @@ def gram(x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
     if d < GRAM_BLOCKED_MIN:
         return x.T @ x
     out = torch.empty(d, d, dtype=x.dtype, device=x.device)
-    for start in range(0, d, block):
-        end = min(d, start + block)
-        col = x[:, :end].T @ x[:, start:end]  # (end, width): rows 0..end of this column block
+    for start, end, col in _gram_blocks(x, block):
         out[:end, start:end] = col
         out[start:end, :start] = col[:start].T
     return out
+
+
+def _gram_blocks(x: torch.Tensor, block: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """:func:`gram`'s column blocks ``(start, end, x[:, :end]ᵀ x[:, start:end])``: rows 0..end of
+    the block; the rows below are the mirror image of earlier blocks."""
+    d = x.shape[1]
+    for start in range(0, d, block):
+        end = min(d, start + block)
+        yield start, end, x[:, :end].T @ x[:, start:end]
+
+
+def _add_gram_(h: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``h + gram(x)`` in ``ACC_DTYPE``, each fp32 column block added as it is formed: the same
+    bits as converting a whole ``gram(x)``, without its d×d fp32 temporary (0.76 GB at d=13824)."""
+    d = x.shape[1]
+    if h is None:
+        h = torch.zeros(d, d, dtype=ACC_DTYPE, device=x.device)
+    for start, end, col in _gram_blocks(x, GRAM_BLOCK):
+        h[:end, start:end] += col
+        h[start:end, :start] += col[:start].T
+    return h
 
 
 def accumulate_hessian(h: torch.Tensor | None, rows: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,13 +110,35 @@ def accumulate_hessian(h: torch.Tensor | None, rows: torch.Tensor, weights: torc
     weights (squared gradient norms) go in as ``√w`` on both sides, so they take the symmetric path.
     """
     x = rows.to(MATMUL_DTYPE)
-    if weights is None:
-        update = gram(x)
-    else:
-        w = weights.to(MATMUL_DTYPE)
-        update = gram(x * w.sqrt().unsqueeze(1)) if bool((w >= 0).all()) else (x * w.unsqueeze(1)).T @ x
-    update = update.to(ACC_DTYPE)
-    return update if h is None else h.add_(update)
+    w = None if weights is None else weights.to(MATMUL_DTYPE)
+    symmetric = w is None or bool((w >= 0).all())
+    if symmetric and w is not None:
+        x = x * w.sqrt().unsqueeze(1)
+    if symmetric and x.dim() == 2 and x.shape[1] >= GRAM_BLOCKED_MIN:
+        return _add_gram_(h, x)
+    update = gram(x) if symmetric else (x * w.unsqueeze(1)).T @ x
+    if h is None:
+        return update.to(ACC_DTYPE)
+    return _add_by_rows_(h, update)
+
+
+def _add_by_rows_(h: torch.Tensor, update: torch.Tensor, rows_per_chunk: int = 256) -> torch.Tensor:
+    """``h += update`` (fp64 += fp32) a chunk of rows at a time: a mixed-dtype ``add_`` converts
+    the whole update first (a 13824-wide Hessian's fp64 copy is 1.5 GB); the bits are the same."""
+    flat_h, flat_u = h.view(-1, h.shape[-1]), update.reshape(-1, update.shape[-1])
+    for i in range(0, flat_h.shape[0], rows_per_chunk):
+        flat_h[i:i + rows_per_chunk].add_(flat_u[i:i + rows_per_chunk])
+    return h
+
+
+def _divided_to_fp32(h: torch.Tensor, n: int, rows_per_chunk: int = 256) -> torch.Tensor:
+    """``(h / n).to(float32)``, bit for bit, a chunk of rows at a time: no full-size temporary in
+    ``h``'s dtype (for a 13824-wide fp64 Hessian that temporary would be 1.5 GB)."""
+    out = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+    flat_in, flat_out = h.reshape(-1, h.shape[-1]), out.view(-1, h.shape[-1])
+    for i in range(0, flat_in.shape[0], rows_per_chunk):
+        flat_out[i:i + rows_per_chunk] = flat_in[i:i + rows_per_chunk] / n
+    return out
 
 
 def squared_row_norms(rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -278,7 +319,7 @@ class LayerStats:
             from .errors import CalibrationError
 
             raise CalibrationError("no calibration rows reached this layer; is it used by the forward pass?")
-        mean = (self.hessian / max(1, self.rows)).to(torch.float32)
+        mean = _divided_to_fp32(self.hessian, max(1, self.rows))
         if self.diagonal_only:
             mean = torch.diag(mean)
         if not torch.isfinite(mean).all():

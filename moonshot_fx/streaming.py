@@ -45,7 +45,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -206,6 +206,7 @@ def sparsify_checkpoint(
     max_batches: int | None = None,
     overwrite: bool = False,
     extra: Mapping[str, Any] | None = None,
+    on_layer: Callable[[int, dict[str, float]], None] | None = None,
     **options: Any,
 ) -> SparsityReport:
     """Prune the Hugging Face checkpoint in ``src_dir`` one decoder layer at a time into ``dst_dir``.
@@ -225,6 +226,11 @@ def sparsify_checkpoint(
         max_batches: use at most this many calibration batches.
         overwrite: replace an existing ``dst_dir`` (only once the new directory is complete).
         extra: entries added at the top level of ``moonshot_report.json``.
+        on_layer: called as ``on_layer(i, seconds)`` once decoder layer ``i`` is written, with
+            that layer's wall time per phase: ``load`` (read the shards, assign), ``capture``
+            (trace), ``calibrate`` (statistics and sequential re-runs), ``solve`` (the pruners;
+            the sum of the sites' ``seconds``), ``propagate``, ``write`` and ``total`` (e.g. for
+            progress, or to sample memory per layer, as ``benchmarks/scale.py`` does).
         **options: any other :class:`SparsifyConfig` field, as for :func:`moonshot_fx.sparsify`
             (``sequential`` defaults to True here, as in memory for any model of 8+ sites).
 
@@ -277,7 +283,7 @@ def sparsify_checkpoint(
         weight_map: dict[str, str] = {}
         total_size = 0
 
-        def write(tensors: dict[str, torch.Tensor], k: int) -> None:
+        def write(tensors: dict[str, torch.Tensor], k: int) -> float:
             nonlocal total_size
             t = time.perf_counter()
             body = {n: v.detach().contiguous() for n, v in tensors.items()}
@@ -285,7 +291,9 @@ def sparsify_checkpoint(
             for n, v in body.items():
                 weight_map[n] = fname(k, n_files)
                 total_size += v.numel() * v.element_size()
-            timings["write"] += time.perf_counter() - t
+            seconds = time.perf_counter() - t
+            timings["write"] += seconds
+            return seconds
 
         # 1. embeddings → the activation buffer; non-layer tensors copied as they are
         t = time.perf_counter()
@@ -313,7 +321,7 @@ def sparsify_checkpoint(
         # 2. the decoder layers, one at a time
         pruned_any = False
         for li in range(n_layers):
-            t = time.perf_counter()
+            t = t_layer = time.perf_counter()
             layer = meta.model.layers[li]
             prefix = f"model.layers.{li}."
             state = _read(per_layer[li], shards)
@@ -324,7 +332,8 @@ def sparsify_checkpoint(
             layer.load_state_dict({k: v for k, v in local.items() if k in layer.state_dict()}, strict=True, assign=True)
             host = _LayerHost(li, layer).eval()
             dense = {k: v.clone() for k, v in state.items()} if not cfg.sequential else None
-            timings["load"] += time.perf_counter() - t
+            phase = {"load": time.perf_counter() - t, "capture": 0.0, "calibrate": 0.0, "solve": 0.0, "propagate": 0.0}
+            timings["load"] += phase["load"]
 
             t = time.perf_counter()
             batches = [(buf[i], cos, sin, *extra_in) for i in range(len(ids))]
@@ -333,9 +342,13 @@ def sparsify_checkpoint(
                          config=cfg, progress=False)
             except NoPrunableSitesError:
                 host.moonshot_report = None  # type: ignore[assignment]  # the globs select nothing here
-            timings["prune"] += time.perf_counter() - t
+            prune_seconds = time.perf_counter() - t
+            timings["prune"] += prune_seconds
             r = host.moonshot_report
             if r is not None:
+                phase["capture"] = r.timings.get("capture", 0.0)
+                phase["solve"] = sum(s.seconds for s in r.sites)
+                phase["calibrate"] = max(prune_seconds - phase["capture"] - phase["solve"], 0.0)
                 pruned_any = True
                 report.sites.extend(r.sites)
                 report.skipped.update(r.skipped)
@@ -354,12 +367,17 @@ def sparsify_checkpoint(
                 with torch.no_grad():
                     for i in range(len(ids)):
                         buf[i] = host(buf[i], cos, sin, *extra_in)
-                timings["propagate"] += time.perf_counter() - t
+                phase["propagate"] = time.perf_counter() - t
+                timings["propagate"] += phase["propagate"]
             del dense, local
-            write(out_state, li + 1)
+            phase["write"] = write(out_state, li + 1)
             del out_state, new_state, batches, host
             layer.to("meta")  # free this layer's storage
             _release_memory()
+            phase["total"] = time.perf_counter() - t_layer
+            log.info("layer %d/%d: %s", li + 1, n_layers, " ".join(f"{k} {v:.2f}s" for k, v in phase.items()))
+            if on_layer is not None:
+                on_layer(li, phase)
         if not pruned_any:
             raise NoPrunableSitesError("no decoder-layer weight was selected by include/exclude; nothing to prune.")
         del buf

@@ -78,7 +78,7 @@ def sequential_prune(
             raise CalibrationError(f"no calibration data reached the input of {group!r}; is it used by forward?")
         distributed.reduce_stats(stats)  # no-op in one process
         group_results = prune_group(collector.groups[group], stats, model, config, weights=substitutes,
-                                    sample_fishers=sample_fishers, alpha=alpha)
+                                    sample_fishers=sample_fishers, alpha=alpha, release=True)
         distributed.broadcast_results(group_results)
         if journal is not None:
             written = journal.write({r.name: r.weight for r in group_results})

@@ -43,8 +43,11 @@ def sparsegpt_prune(
     W = weight.to(torch.float32).clone()
     rows, cols = W.shape
     if hinv_upper is None:
-        H, _ = prepare_hessian(hessian, W)
+        # the copy prepare_hessian makes is only needed to mend dead inputs (the factorisation
+        # does not write into H): one d×d fp32 copy less for the widest layers
+        H = prepare_hessian(hessian, W)[0] if bool((torch.diagonal(hessian) == 0).any()) else hessian.to(torch.float32)
         U = inverse_cholesky_upper(H, dampening)
+        del H  # only U is needed from here on
     else:
         dead = torch.diagonal(hessian) == 0
         W[:, dead] = 0
