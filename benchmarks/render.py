@@ -225,7 +225,7 @@ GROUPS: list[tuple[str, Callable[[str], bool]]] = [
     ("Quality: how much does pruning cost, per method",
      lambda s: (s.startswith("quality") and not s[7:8].isdigit()) or s.startswith(("sweep", "layers"))),
     ("Against peers: llm-compressor on the same model and data", lambda s: s.startswith("peers")),
-    ("Speed and memory", lambda s: s.startswith("speed") or s.startswith("scale")),
+    ("Speed and memory", lambda s: s.startswith("speed")),
     ("Deployment", lambda s: s.startswith("deploy")),
     ("Scale: a model larger than memory, and several processes", lambda s: s.startswith("scale")),
     ("Ablations and experiments", lambda s: True),
