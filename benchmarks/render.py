@@ -97,6 +97,7 @@ TITLES = {
     "sweep_smollm2": "SmolLM2-135M: quality against sparsity (30–70% and 2:4, calibration seed 0)",
     "layers_smollm2": "SmolLM2-135M at 2:4: per-layer relative reconstruction error (calibration seed 0)",
     "peers_smollm2": "SmolLM2-135M: against llm-compressor",
+    "peers-memory_smollm2": "SmolLM2-135M 2:4: peak-RSS growth against llm-compressor after the memory work (seed 0, 16 eval windows)",
     "peers_agreement_smollm2": "SmolLM2-135M: our SparseGPT and llm-compressor's on identical inputs",
     "speed_smollm2": "SmolLM2-135M: pruning time and memory, ratios to SparseGPT",
     "quality_resnet20": "ResNet-20 (CIFAR-10): top-1",
