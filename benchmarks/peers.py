@@ -33,7 +33,6 @@ How the comparison is kept fair:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import subprocess
@@ -51,6 +50,7 @@ from peers_worker import OthersCPU, contended, wait_for_quiet_cpu  # noqa: E402 
 
 import moonshot_fx  # noqa: E402
 from moonshot_fx import data  # noqa: E402
+from moonshot_fx.memory import release_freed_memory  # noqa: E402
 
 CACHE = HERE / ".cache"
 VENV = CACHE / "venv-peers"
@@ -101,10 +101,7 @@ def gguf_tokenizer() -> Any:
 def release_memory() -> None:
     """Collect garbage and hand freed heap back to the OS, so the next start RSS is a clean baseline."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    release_freed_memory()
 
 
 def load_dense() -> Any:

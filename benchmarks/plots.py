@@ -114,9 +114,14 @@ def peers_figure(docs: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def _has_site_errors(row: dict[str, Any]) -> bool:
+    """Whether a quality row carries at least one site's relative error (Wanda's are all None)."""
+    return any(v is not None for v in (row.get("site_errors") or {}).values())
+
+
 def layers_figure(doc: dict[str, Any], path: Path, pattern: str | None = None) -> Path:
     """Per-site relative error of each method of one pattern (the first with ``site_errors``)."""
-    rows = [r for r in doc["rows"] if any(v is not None for v in (r.get("site_errors") or {}).values())]
+    rows = [r for r in doc["rows"] if _has_site_errors(r)]
     pattern = pattern or rows[0]["pattern"]
     runs = {r["method"]: r["site_errors"] for r in rows if r["pattern"] == pattern}
     return plot_site_errors(runs, path, title=f"{doc['model']} at {pattern}: relative reconstruction error per "
@@ -144,7 +149,7 @@ def render_figures(results: Path = RESULTS) -> list[Path]:
         out.append(peers_figure(docs, results / f"{stem}.png"))
     for f in sorted(results.glob("*.json")):
         doc = _load(f)
-        if any(v is not None for r in doc.get("rows", []) for v in (r.get("site_errors") or {}).values()):
+        if any(_has_site_errors(r) for r in doc.get("rows", [])):
             out.append(layers_figure(doc, results / f"{f.stem}_layers.png"))
     return out
 

@@ -312,9 +312,7 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
         it = iter(bar)
         results = sequential_prune(captured, model, sites, flat, cfg, row_weights=row_weights,
                                    sample_fishers=sample_fishers, alpha=alpha, on_group=lambda _r: next(it, None),
-                                   # region refits need the dense weights in the model and the pruned
-                                   # ones as substitutes until the end, so they keep the in-memory copy
-                                   journal=None if cfg.reconstruct == "region" else journal)
+                                   journal=journal)
         for _ in it:
             pass
     else:

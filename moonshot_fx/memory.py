@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from typing import Any
 
-_LIBC: Any = None
-_LOADED = False
-
-
+@functools.lru_cache(maxsize=None)
 def _libc() -> Any:
-    global _LIBC, _LOADED
-    if not _LOADED:
-        _LOADED = True
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC = lib if hasattr(lib, "malloc_trim") else None
-        except OSError:
-            _LIBC = None
-    return _LIBC
+    """The C library when it has ``malloc_trim`` (glibc), else None; looked up once."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return lib if hasattr(lib, "malloc_trim") else None
 
 
 def release_freed_memory() -> bool:

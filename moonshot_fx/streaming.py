@@ -53,6 +53,7 @@ import torch.nn as nn
 from .config import SparsifyConfig, default_sequential_unit
 from .errors import CalibrationError, ConfigError, ModelLoadError, NoPrunableSitesError
 from .hf_export import REPORT_FILE, _replace_dir, _strip_config, check_destination, write_report
+from .memory import release_freed_memory
 from .report import SparsityReport
 
 log = logging.getLogger(__name__)
@@ -403,12 +404,7 @@ def _release_memory() -> None:
     import gc
 
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+    release_freed_memory()
 
 
 def _causal_mask(config: Any, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:

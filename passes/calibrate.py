@@ -246,8 +246,6 @@ def collect_gradients(
                     grads = tuple(seg_grads[n] for n in names)
                     del seg, seg_outputs, seg_grads
                 else:
-                    inputs.clear()
-                    node_sites.clear()
                     with torch.enable_grad():
                         flat = runner.run([captured.flat_inputs(args, kwargs)], on_site=on_site, on_output=on_output)
                         assert flat is not None

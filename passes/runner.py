@@ -30,6 +30,7 @@ from moonshot_fx.errors import CalibrationError, MoonshotError
 from . import experts as moe
 from .capture import CapturedGraph
 from .discover import Site
+from .partition import block_key, segments
 
 SiteHook = Callable[[fx.Node, Site, list[torch.Tensor]], None]
 
@@ -220,6 +221,15 @@ class GraphRunner:
     def site_nodes(self) -> list[fx.Node]:
         """The nodes that use one of the runner's sites, in graph order."""
         return [n for n in self.nodes if n in self.site_of_node]
+
+    def block_segments(self) -> list[list[fx.Node]]:
+        """The site nodes split into repeated-block segments (:func:`.partition.segments`): graph
+        order, a group never split across two segments."""
+        nodes = self.site_nodes()
+        by_name = {n.name: n for n in nodes}
+        segs = segments([n.name for n in nodes], {n.name: block_key(self.site_of_node[n].name) for n in nodes},
+                        {n.name: self.site_of_node[n].group for n in nodes})
+        return [[by_name[name] for name in seg] for seg in segs]
 
     def last_site_node(self) -> fx.Node | None:
         """The last node (in graph order) that uses one of the runner's sites."""

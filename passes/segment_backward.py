@@ -39,14 +39,8 @@ Env = dict[fx.Node, list[Any]]
 
 
 def block_cuts(runner: GraphRunner) -> list[fx.Node]:
-    """The cut points: the last site node of every segment but the last (graph order)."""
-    from .partition import block_key, segments
-
-    nodes = runner.site_nodes()
-    by_name = {n.name: n for n in nodes}
-    segs = segments([n.name for n in nodes], {n.name: block_key(runner.site_of_node[n].name) for n in nodes},
-                    {n.name: runner.site_of_node[n].group for n in nodes})
-    return [by_name[seg[-1]] for seg in segs[:-1]]
+    """The cut points: the last site node of every block segment but the last (graph order)."""
+    return [seg[-1] for seg in runner.block_segments()[:-1]]
 
 
 def _holds_float_tensor(value: Any) -> bool:

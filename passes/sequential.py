@@ -36,7 +36,6 @@ from .apply import WeightJournal
 from .calibrate import StatsCollector, accumulation_key, needs_diagonal_only
 from .capture import CapturedGraph
 from .discover import Site
-from .partition import block_key, segments
 from .prune import SiteResult, prune_group
 from .region import RegionReconstructor
 from .runner import GraphRunner, SiteHook
@@ -63,7 +62,11 @@ def sequential_prune(
     substitutes, and each result holds its own pruned tensor. With one, each group's result is
     written into the model as soon as it is pruned (the journal keeps the dense values on disk
     for a rollback) and the result's ``weight`` is the model's own storage — no second copy of
-    the pruned weights is held."""
+    the pruned weights is held. Region reconstruction ignores ``journal`` (see below)."""
+    if config.reconstruct == "region":
+        # region refits read the dense weights from the model and the pruned ones from the
+        # substitutes until the end, so they keep the in-memory copy
+        journal = None
     substitutes: dict[str, torch.Tensor] = {}
     results: dict[str, SiteResult] = {}
     mix_alpha = alpha if (config.method == "moonshot" and config.fisher in ("token", "row") and alpha is not None
@@ -80,14 +83,13 @@ def sequential_prune(
         group_results = prune_group(collector.groups[group], stats, model, config, weights=substitutes,
                                     sample_fishers=sample_fishers, alpha=alpha, release=True)
         distributed.broadcast_results(group_results)
-        if journal is not None:
+        if journal is not None:  # into the model now; the result points at the model's storage
             written = journal.write({r.name: r.weight for r in group_results})
-        for r in group_results:
-            if journal is not None:
+            for r in group_results:
                 r.weight = written[r.name]
-            else:
-                substitutes[r.name] = r.weight
-            results[r.name] = r
+        else:
+            substitutes.update((r.name, r.weight) for r in group_results)
+        results.update((r.name, r) for r in group_results)
         on_group(group_results)
         release_freed_memory()  # the group's statistics and solver temporaries: back to the OS
 
@@ -134,16 +136,12 @@ def _run_blocks(captured: CapturedGraph, sites: Sequence[Site], flat_batches: li
     statistics complete (group unit, only used with ``region``). ``region`` re-runs the pruned
     segment region by region, refitting each region's end (:mod:`.region`)."""
     runner = GraphRunner(captured, sites, weights=substitutes)
-    nodes = runner.site_nodes()
-    by_name = {n.name: n for n in nodes}
-    group_of = {n.name: runner.site_of_node[n].group for n in nodes}
-    block_of = {n.name: block_key(runner.site_of_node[n].name) for n in nodes}
     env = runner.start(flat_batches)
     nb, pos = len(flat_batches), 0
     with torch.no_grad():
-        segs = segments([n.name for n in nodes], block_of, group_of)
+        segs = runner.block_segments()
         for i, seg in enumerate(segs):
-            last = by_name[seg[-1]]
+            last = seg[-1]
             final = i == len(segs) - 1
             # calibration pass on a copy (the last block needs none, unless it is reconstructed)
             scratch = env if final and region is None else dict(env)
@@ -151,9 +149,9 @@ def _run_blocks(captured: CapturedGraph, sites: Sequence[Site], flat_batches: li
             del scratch
             release_freed_memory()  # the calibration pass's activations
             if group_hook is None:  # every group of the segment's nodes (a grouped expert product: one per expert)
-                for group in dict.fromkeys(s.group for n in seg for s in runner.sites_of_node[by_name[n]]):
+                for group in dict.fromkeys(s.group for n in seg for s in runner.sites_of_node[n]):
                     prune(group)
             if region is not None:
-                pos = region.run_segment(runner, env, nb, pos, [by_name[n] for n in seg], final)
+                pos = region.run_segment(runner, env, nb, pos, seg, final)
             elif not final:  # propagate with the pruned weights; nothing reads the last block's output
                 _, pos = runner.advance(env, nb, pos, stop_at=last)
