@@ -18,17 +18,16 @@ import torch.nn as nn
 from . import distributed
 from .alpha_search import choose_alpha
 from .config import SparsifyConfig, default_sequential_unit
+from .fisher_pass import FisherStatistics, fisher_loss, gradient_pass
 from .errors import CalibrationError, ConfigError, NoPrunableSitesError, PatternError, PatternWarning
 from .masks import check_pattern
 from .passes.apply import WeightJournal, write_weights
-from .passes.calibrate import LossFn, collect_gradients, collect_hessians, group_sites, needs_diagonal_only
+from .passes.calibrate import LossFn, collect_hessians, group_sites, needs_diagonal_only
 from .passes.capture import CapturedGraph, batch_shape_key, capture, iter_batches, normalize_batch
 from .passes.discover import Site, dense_reasons, find_sites, select_sites
-from .passes.losses import SampledLabelLoss
 from .passes.meta import check_not_meta
 from .passes.norm_recalibration import batchnorm_modules, recalibrate_batchnorm
 from .passes.prune import NoStats, SiteResult, prune_all_groups, prune_group, to_matrix
-from .passes.row_clusters import row_clusters
 from .passes.sequential import sequential_prune
 from .passes.unsupported import unsupported_weights
 from .progress import progress_bar
@@ -116,6 +115,7 @@ def sparsify(
     prune_head: bool = False,
     max_batches: int | None = None,
     progress: bool = True,
+    gradients: FisherStatistics | None = None,
     **options: Any,
 ) -> nn.Module:
     """Prune ``model`` in place, one shot, and return it (same object and class).
@@ -137,6 +137,9 @@ def sparsify(
         prune_head: also prune the final classifier / LM head when the globs allow it.
         max_batches: use at most this many calibration batches.
         progress: show tqdm progress bars.
+        gradients: MOONSHOT's gradient statistics computed ahead (:func:`precompute_gradients`;
+            :func:`moonshot_fx.sparsify_checkpoint` passes each layer's), used instead of this
+            call's own backward pass; None (default) runs it.
         **options: any other :class:`SparsifyConfig` field (``base``, ``alpha``, ``include``,
             ``exclude``, ``overrides``, ``sequential``, ``dampening``, ``blocksize``, ``fisher`` …).
             ``exclude`` adds to the default exclusions (embeddings, heads; ``default_exclude=False``
@@ -187,7 +190,9 @@ def sparsify(
     journal = WeightJournal(model)
     try:
         # MOONSHOT's backward runs on micro-batches, which needs a graph with a dynamic batch size
-        captured, norm = _prepare(model, example_inputs, batches, one_shape_only=cfg.method != "moonshot")
+        # (not when its gradients come precomputed)
+        captured, norm = _prepare(model, example_inputs, batches, one_shape_only=cfg.method != "moonshot" or (
+            gradients is not None and cfg.alpha != "auto"))
         timings["capture"] = time.perf_counter() - t0
         all_sites = find_sites(captured.gm, model)
         sites, misfits = _validate_patterns(select_sites(all_sites, cfg, prune_head=prune_head), cfg)
@@ -207,7 +212,8 @@ def sparsify(
         report = SparsityReport(config=cfg.to_dict(), skipped=skipped,
                                 sequential=sequential and cfg.method != "magnitude", capture_method=captured.method,
                                 norms_recalibrated_by_default=bn_auto and bool(cfg.recalibrate_norms))
-        results = _run(model, captured, sites, norm, cfg, sequential, loss_fn, progress, timings, report, journal)
+        results = _run(model, captured, sites, norm, cfg, sequential, loss_fn, progress, timings, report, journal,
+                       gradients)
         for name in [n for n, r in results.items() if r.skipped]:  # e.g. an unrouted expert kept dense
             report.skipped[name] = results.pop(name).skipped
         sites = [s for s in sites if s.name in results]
@@ -241,30 +247,31 @@ def sparsify(
     return model
 
 
-def default_fisher(cfg: SparsifyConfig, sites: Sequence[Site]) -> str:
-    """``fisher="auto"``: sample-level for convolutional models (per-image correlations matter),
-    else the per-weight diagonal for score-based bases (Wanda, magnitude) and the per-head row
-    Fisher for the Hessian-driven ones (SmolLM2 2:4, five seeds: it beat the shared token form on
-    WikiText-2 and C4; docs/method.md §2 and §8 have the measurements)."""
-    if any(s.kind.startswith("conv") for s in sites):
-        return "sample"
-    return "weight" if cfg.base in ("wanda", "magnitude") else "row"
-
-
-def fisher_loss(cfg: SparsifyConfig, loss_fn: LossFn | None) -> LossFn | None:
-    """The loss of MOONSHOT's gradient pass: the user's, the default (``fisher_labels="data"``),
-    or cross-entropy on labels sampled from the model (``"model"``: the true Fisher)."""
-    if cfg.fisher_labels == "data":
-        return loss_fn
-    if loss_fn is not None:
-        raise ConfigError("fisher_labels='model' draws its own labels from the model's predictions; it cannot "
-                          "be combined with a custom loss_fn (drop one of them).")
-    return SampledLabelLoss(seed=0)
+def precompute_gradients(model: nn.Module, calibration: Iterable[Any], config: SparsifyConfig, *,
+                         loss_fn: LossFn | None = None, prune_head: bool = False) -> FisherStatistics | None:
+    """MOONSHOT's gradient statistics of ``model``'s selected sites, as :func:`sparsify` with
+    ``config`` would compute them, without pruning anything; None where the run needs none
+    (another method, or α = 1). Pass the result as ``sparsify(..., gradients=...)`` with the same
+    calibration batches (the per-row weights are per batch). ``loss_fn`` is used as given (a
+    layer of a streamed model is scored by the gradient at its output, not by the model loss)."""
+    if config.method != "moonshot" or (config.alpha != "auto" and float(config.alpha) >= 1.0):
+        return None
+    batches = list(calibration)
+    was_training = model.training
+    model.eval()
+    try:
+        captured, norm = _prepare(model, None, batches)
+        sites, _ = _validate_patterns(select_sites(find_sites(captured.gm, model), config, prune_head=prune_head),
+                                      config)
+        return gradient_pass(captured, sites, norm, config, loss_fn)
+    finally:
+        model.train(was_training)
 
 
 def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: list[Any], cfg: SparsifyConfig,
          sequential: bool, loss_fn: LossFn | None, progress: bool, timings: dict[str, float],
-         report: SparsityReport, journal: WeightJournal) -> dict[str, SiteResult]:
+         report: SparsityReport, journal: WeightJournal,
+         gradients: FisherStatistics | None = None) -> dict[str, SiteResult]:
     """Gradients (MOONSHOT), alpha search, calibration and pruning; returns results. The
     sequential pass writes each group's weights through ``journal`` as it goes (so no copy of
     the pruned weights is held); the other paths write nothing."""
@@ -277,25 +284,17 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
     row_weights = sample_fishers = None
     alpha: float | None = None
     if cfg.method == "moonshot" and (cfg.alpha == "auto" or float(cfg.alpha) < 1.0):
-        if cfg.fisher == "auto":
-            cfg = cfg.replace(fisher=default_fisher(cfg, sites))
-            report.config["fisher"] = cfg.fisher
-        if cfg.fisher == "row" and cfg.base in ("wanda", "magnitude"):
-            cfg = cfg.replace(fisher="weight")  # the per-weight diagonal is already per row
-            report.config["fisher"] = cfg.fisher
-        distributed.check_supported(cfg.method, cfg.alpha, cfg.fisher)
         t = time.perf_counter()
-        clusters = row_clusters(captured.gm, sites, cfg.row_clusters) if cfg.fisher == "row" else None
-        if clusters:
-            report.row_clusters = {k: v for k, v in clusters.items() if v > 1}
-        row_weights, sample_fishers, _ = collect_gradients(
-            captured, sites, norm, kind=cfg.fisher, loss_fn=fisher_loss(cfg, loss_fn), clusters=clusters,
-            kron_max_width=cfg.kron_max_width,
-            progress=progress_bar(progress, "gradients", len(norm)))
+        if gradients is None:
+            gradients = gradient_pass(captured, sites, norm, cfg, fisher_loss(cfg, loss_fn), progress)
+        if gradients.fisher != cfg.fisher:
+            cfg = cfg.replace(fisher=gradients.fisher)
+            report.config["fisher"] = cfg.fisher
+        if gradients.clusters:
+            report.row_clusters = {k: v for k, v in gradients.clusters.items() if v > 1}
+        row_weights, sample_fishers = gradients.row_weights, gradients.sample_fishers
         if cfg.fisher == "kron":
             report.kron_sites = [s.name for s in sites if s.slice_index is None and s.name in sample_fishers]
-        if cfg.fisher not in ("token", "row", "kron"):
-            row_weights = None  # sample / weight kinds: the Fisher itself is in sample_fishers
         timings["gradients"] = time.perf_counter() - t
         if cfg.alpha == "auto":
             t = time.perf_counter()

@@ -24,9 +24,15 @@ in-memory pass calibrates/prunes block by block too, the result equals in-memory
 three-shard tiny Llama). Memory is one layer's weights + the activation buffer + one layer's
 statistics, independent of depth.
 
-Not streamed (raise :class:`~moonshot_fx.errors.ConfigError`): ``method="moonshot"`` (its Fisher
-needs the loss gradient through every later layer, which a block-by-block pass does not have),
-``prune_head=True``, and calibration with padding (an ``attention_mask`` containing zeros).
+``method="moonshot"`` first runs its gradient pass over the streamed dense layers (forward in
+order, backward last layer first, one layer resident at a time; :mod:`.streaming_fisher`) and
+hands each layer's Fisher statistics to that layer's ``sparsify``; the result equals in-memory
+MOONSHOT (bit for bit for the token, row and weight forms on the tiny Llama of
+tests/test_streaming_moonshot.py; Kronecker and sample forms to rounding).
+
+Not streamed (raise :class:`~moonshot_fx.errors.ConfigError`): MOONSHOT's ``alpha="auto"`` (it
+scores candidates on the whole model), ``reconstruct="region"``, ``prune_head=True``, and
+calibration with padding (an ``attention_mask`` containing zeros).
 
 The output is a normal Hugging Face directory (dense safetensors shards with the zeros, an
 index, ``config.json`` without ``sparsity_config``/``quantization_config``, every other
@@ -55,6 +61,7 @@ from .errors import CalibrationError, ConfigError, ModelLoadError, NoPrunableSit
 from .hf_export import REPORT_FILE, _replace_dir, _strip_config, check_destination, write_report
 from .memory import release_freed_memory
 from .report import SparsityReport
+from .streaming_fisher import check_streamable, stream_gradients
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +146,22 @@ class _LayerHost(nn.Module):
         self.model.layers = nn.ModuleDict({self.key: layer})
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, grad_out: torch.Tensor | None = None) -> torch.Tensor:
+        # grad_out: MOONSHOT's streamed gradient pass passes the gradient at this layer's output
+        # here so that its loss (moonshot_fx.streaming_fisher) can read it; the layer ignores it
         out = self.model.layers[self.key](hidden, attention_mask=mask, position_embeddings=(cos, sin))
         return out[0] if isinstance(out, tuple) else out
+
+
+def _load_layer(layer: nn.Module, li: int, state: Mapping[str, torch.Tensor], src: Path) -> dict[str, torch.Tensor]:
+    """Assign layer ``li``'s tensors (full names in ``state``) into the meta ``layer``; returns them by local name."""
+    prefix = f"model.layers.{li}."
+    local = {k[len(prefix):]: v for k, v in state.items()}
+    missing = [n for n in layer.state_dict() if n not in local]
+    if missing:
+        raise ModelLoadError(f"{src}: layer {li} lacks {missing[:4]} in the safetensors shards.")
+    layer.load_state_dict({k: v for k, v in local.items() if k in layer.state_dict()}, strict=True, assign=True)
+    return local
 
 
 def _token_batches(calibration: Iterable[Any] | None, max_batches: int | None) -> list[torch.Tensor]:
@@ -177,11 +197,7 @@ def _make_config(sparsity: Any, method: str, options: Mapping[str, Any]) -> Spar
         raise ConfigError(f"unknown sparsify option(s) {sorted(unknown)}; valid options: "
                           f"{sorted(f.name for f in dataclasses.fields(SparsifyConfig))}")
     cfg = SparsifyConfig(sparsity=sparsity, method=method, **options)
-    if cfg.method == "moonshot":
-        raise ConfigError("method='moonshot' is not available in streaming mode: its Fisher needs the loss gradient "
-                          "back through every later layer, which a layer-by-layer pass does not hold. Stream with "
-                          "method='sparsegpt', 'optima', 'wanda' or 'magnitude', or prune in memory with "
-                          "moonshot_fx.sparsify.")
+    check_streamable(cfg)
     if cfg.reconstruct is not None:
         raise ConfigError(f"reconstruct={cfg.reconstruct!r} is not available in streaming mode yet; prune in memory "
                           "with moonshot_fx.sparsify, or stream without it.")
@@ -223,7 +239,8 @@ def sparsify_checkpoint(
             ``input_ids`` (and an all-ones ``attention_mask``), all of one shape. Not needed for
             ``method="magnitude"`` (one random window is used for tracing then).
         sparsity: fraction in [0, 1) or ``"N:M"``.
-        method: ``magnitude``, ``wanda``, ``sparsegpt`` or ``optima`` (``moonshot``: ConfigError).
+        method: ``magnitude``, ``wanda``, ``sparsegpt``, ``optima``, ``admm`` or ``moonshot`` (with a
+            fixed ``alpha``; its backward streams the layers in reverse first, see the module docstring).
         max_batches: use at most this many calibration batches.
         overwrite: replace an existing ``dst_dir`` (only once the new directory is complete).
         extra: entries added at the top level of ``moonshot_report.json``.
@@ -273,6 +290,7 @@ def sparsify_checkpoint(
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    work: Path | None = None
     try:
         from safetensors.torch import save_file
 
@@ -312,12 +330,31 @@ def sparsify_checkpoint(
         write(rest, n_files)
         for name in rest:
             report.skipped[name] = "not a decoder-layer weight (embeddings, final norm, head): copied unchanged"
+        head = _head_modules(meta, rest, emb_name) if _needs_gradients(cfg) else None
         del rest
         rotary = type(meta.model.rotary_emb)(config=config)
         positions = torch.arange(ids[0].shape[1]).unsqueeze(0)
         cos, sin = rotary(buf[0], position_ids=positions)
         mask = _causal_mask(config, buf[0], positions)
         extra_in = () if mask is None else (mask,)
+        fisher_of = None
+        if head is not None:  # MOONSHOT: the gradient pass streams the dense layers first
+            t = time.perf_counter()
+            work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".grad", dir=dest.parent))
+
+            def load_dense(li: int) -> nn.Module:
+                layer = meta.model.layers[li]
+                _load_layer(layer, li, _read(per_layer[li], shards), src)
+                return _LayerHost(li, layer).eval()
+
+            def free(host: nn.Module) -> None:
+                host.to("meta")
+                _release_memory()
+
+            fisher_of = stream_gradients(load_dense, free, n_layers, buf.clone(), (cos, sin, *extra_in), ids,
+                                         head[0], head[1], cfg, work)
+            del head
+            timings["gradients"] = time.perf_counter() - t
 
         # 2. the decoder layers, one at a time
         pruned_any = False
@@ -326,11 +363,7 @@ def sparsify_checkpoint(
             layer = meta.model.layers[li]
             prefix = f"model.layers.{li}."
             state = _read(per_layer[li], shards)
-            local = {k[len(prefix):]: v for k, v in state.items()}
-            missing = [n for n, p in layer.state_dict().items() if n not in local]
-            if missing:
-                raise ModelLoadError(f"{src}: layer {li} lacks {missing[:4]} in the safetensors shards.")
-            layer.load_state_dict({k: v for k, v in local.items() if k in layer.state_dict()}, strict=True, assign=True)
+            local = _load_layer(layer, li, state, src)
             host = _LayerHost(li, layer).eval()
             dense = {k: v.clone() for k, v in state.items()} if not cfg.sequential else None
             phase = {"load": time.perf_counter() - t, "capture": 0.0, "calibrate": 0.0, "solve": 0.0, "propagate": 0.0}
@@ -340,7 +373,7 @@ def sparsify_checkpoint(
             batches = [(buf[i], cos, sin, *extra_in) for i in range(len(ids))]
             try:
                 sparsify(host, batches[0], calibration=batches if cfg.method != "magnitude" else [],
-                         config=cfg, progress=False)
+                         config=cfg, progress=False, gradients=None if fisher_of is None else fisher_of(li))
             except NoPrunableSitesError:
                 host.moonshot_report = None  # type: ignore[assignment]  # the globs select nothing here
             prune_seconds = time.perf_counter() - t
@@ -354,6 +387,11 @@ def sparsify_checkpoint(
                 report.sites.extend(r.sites)
                 report.skipped.update(r.skipped)
                 report.capture_method = report.capture_method or r.capture_method
+                if fisher_of is not None:  # MOONSHOT: the resolved Fisher form and its per-site details
+                    report.config["fisher"] = r.config.get("fisher", report.config.get("fisher"))
+                    report.alpha = r.alpha
+                    report.row_clusters.update(r.row_clusters)
+                    report.kron_sites.extend(r.kron_sites)
                 for k, v in r.timings.items():
                     if k != "total":
                         timings[f"sparsify.{k}"] = timings.get(f"sparsify.{k}", 0.0) + v
@@ -393,8 +431,29 @@ def sparsify_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if work is not None:  # the gradient pass's scratch files
+            shutil.rmtree(work, ignore_errors=True)
     log.info("streamed %d layers of %s into %s: %s", n_layers, src, dest, report)
     return report
+
+
+def _needs_gradients(cfg: SparsifyConfig) -> bool:
+    return cfg.method == "moonshot" and (cfg.alpha == "auto" or float(cfg.alpha) < 1.0)
+
+
+def _head_modules(meta: nn.Module, rest: Mapping[str, torch.Tensor], emb_name: str) -> tuple[nn.Module, nn.Module]:
+    """The final norm and the LM head (tied to the embeddings where the checkpoint has no head tensor)."""
+    norm, head = meta.model.norm, meta.lm_head
+    prefix = "model.norm."
+    norm.load_state_dict({k[len(prefix):]: v for k, v in rest.items() if k.startswith(prefix)}, strict=True,
+                         assign=True)
+    weight = rest.get("lm_head.weight", rest[emb_name])
+    head_state = {"weight": weight}
+    if getattr(head, "bias", None) is not None:
+        head_state["bias"] = rest["lm_head.bias"]
+    head.load_state_dict(head_state, strict=True, assign=True)
+    return norm.eval(), head.eval()
 
 
 def _release_memory() -> None:

@@ -143,7 +143,8 @@ def _masked(ids: torch.Tensor, mask: Any) -> torch.Tensor:
     return ids
 
 
-def _next_token(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample causal-LM loss: position t predicts token t + 1 (mean over positions)."""
     return token_cross_entropy(logits[:, :-1], targets[:, 1:])
 
 
@@ -172,17 +173,17 @@ def default_loss(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
             return token_cross_entropy(logits, labels)
         dec = kwargs.get("decoder_input_ids")
         if dec is not None:
-            return _next_token(logits, _masked(dec, kwargs.get("decoder_attention_mask")))
+            return next_token_loss(logits, _masked(dec, kwargs.get("decoder_attention_mask")))
         return token_cross_entropy(logits, _own_predictions(logits, kwargs.get("decoder_attention_mask")))
     if task == "masked_lm":
         targets = labels if labels is not None else _own_predictions(logits, kwargs.get("attention_mask"))
         return token_cross_entropy(logits, targets)
     # causal LM
     if labels is not None:
-        return _next_token(logits, labels)
+        return next_token_loss(logits, labels)
     ids = _token_ids(args, kwargs)
     assert ids is not None  # loss_task checked
-    return _next_token(logits, _masked(ids, kwargs.get("attention_mask")))
+    return next_token_loss(logits, _masked(ids, kwargs.get("attention_mask")))
 
 
 def soft_target_loss(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

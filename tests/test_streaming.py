@@ -123,8 +123,8 @@ def test_failure_leaves_no_output(src: Path, tmp_path: Path, monkeypatch: pytest
 
 
 def test_bad_options_raise_before_writing(src: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="moonshot"):
-        moonshot_fx.sparsify_checkpoint(src, tmp_path / "a", calibration=_calib(), method="moonshot")
+    with pytest.raises(ConfigError, match="alpha='auto'"):
+        moonshot_fx.sparsify_checkpoint(src, tmp_path / "a", calibration=_calib(), method="moonshot", alpha="auto")
     with pytest.raises(ConfigError, match="unknown"):
         moonshot_fx.sparsify_checkpoint(src, tmp_path / "b", calibration=_calib(), bogus=1)
     with pytest.raises(ConfigError, match="reconstruct"):
