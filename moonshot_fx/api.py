@@ -18,7 +18,7 @@ import torch.nn as nn
 from . import distributed
 from .alpha_search import choose_alpha
 from .config import SparsifyConfig, default_sequential_unit
-from .fisher_pass import FisherStatistics, fisher_loss, gradient_pass
+from .fisher_pass import FisherStatistics, fisher_loss, gradient_pass, needs_gradients
 from .errors import CalibrationError, ConfigError, NoPrunableSitesError, PatternError, PatternWarning
 from .masks import check_pattern
 from .passes.apply import WeightJournal, write_weights
@@ -254,7 +254,7 @@ def precompute_gradients(model: nn.Module, calibration: Iterable[Any], config: S
     (another method, or α = 1). Pass the result as ``sparsify(..., gradients=...)`` with the same
     calibration batches (the per-row weights are per batch). ``loss_fn`` is used as given (a
     layer of a streamed model is scored by the gradient at its output, not by the model loss)."""
-    if config.method != "moonshot" or (config.alpha != "auto" and float(config.alpha) >= 1.0):
+    if not needs_gradients(config):
         return None
     batches = list(calibration)
     was_training = model.training
@@ -283,7 +283,7 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
     flat = [captured.flat_inputs(a, k) for a, k in norm]
     row_weights = sample_fishers = None
     alpha: float | None = None
-    if cfg.method == "moonshot" and (cfg.alpha == "auto" or float(cfg.alpha) < 1.0):
+    if needs_gradients(cfg):
         t = time.perf_counter()
         if gradients is None:
             gradients = gradient_pass(captured, sites, norm, cfg, fisher_loss(cfg, loss_fn), progress)

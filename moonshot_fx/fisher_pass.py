@@ -38,13 +38,11 @@ class FisherStatistics:
     sample_fishers: dict[str, torch.Tensor]
     clusters: dict[str, int] | None = None
 
-    def for_sites(self, names: set[str]) -> "FisherStatistics":
-        """Only the entries of the sites in ``names``."""
-        return FisherStatistics(
-            self.fisher,
-            None if self.row_weights is None else {k: v for k, v in self.row_weights.items() if k in names},
-            {k: v for k, v in self.sample_fishers.items() if k in names},
-            None if self.clusters is None else {k: v for k, v in self.clusters.items() if k in names})
+
+def needs_gradients(cfg: SparsifyConfig) -> bool:
+    """Whether a run with ``cfg`` has a gradient pass: MOONSHOT with α < 1 or ``alpha="auto"``
+    (α = 1 is the base pruner alone)."""
+    return cfg.method == "moonshot" and (cfg.alpha == "auto" or float(cfg.alpha) < 1.0)
 
 
 def default_fisher(cfg: SparsifyConfig, sites: Sequence[Site]) -> str:

@@ -61,6 +61,7 @@ from .errors import CalibrationError, ConfigError, ModelLoadError, NoPrunableSit
 from .hf_export import REPORT_FILE, _replace_dir, _strip_config, check_destination, write_report
 from .memory import release_freed_memory
 from .report import SparsityReport
+from .fisher_pass import needs_gradients
 from .streaming_fisher import check_streamable, stream_gradients
 
 log = logging.getLogger(__name__)
@@ -330,7 +331,7 @@ def sparsify_checkpoint(
         write(rest, n_files)
         for name in rest:
             report.skipped[name] = "not a decoder-layer weight (embeddings, final norm, head): copied unchanged"
-        head = _head_modules(meta, rest, emb_name) if _needs_gradients(cfg) else None
+        head = _head_modules(meta, rest, emb_name) if needs_gradients(cfg) else None
         del rest
         rotary = type(meta.model.rotary_emb)(config=config)
         positions = torch.arange(ids[0].shape[1]).unsqueeze(0)
@@ -436,10 +437,6 @@ def sparsify_checkpoint(
             shutil.rmtree(work, ignore_errors=True)
     log.info("streamed %d layers of %s into %s: %s", n_layers, src, dest, report)
     return report
-
-
-def _needs_gradients(cfg: SparsifyConfig) -> bool:
-    return cfg.method == "moonshot" and (cfg.alpha == "auto" or float(cfg.alpha) < 1.0)
 
 
 def _head_modules(meta: nn.Module, rest: Mapping[str, torch.Tensor], emb_name: str) -> tuple[nn.Module, nn.Module]:

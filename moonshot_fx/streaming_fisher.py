@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -95,7 +95,7 @@ def stream_gradients(load: LoadLayer, free: FreeLayer, n_layers: int, hidden: to
         host = load(li)
         batches = [_batch(inputs[b], side, grads[b]) for b in range(inputs.shape[0])]
         stats = _precompute(host, batches, cfg)
-        torch.save(None if stats is None else _as_dict(stats), work / f"fisher{li}.pt")
+        torch.save(None if stats is None else vars(stats), work / f"fisher{li}.pt")
         if li > 0:
             for b in range(inputs.shape[0]):
                 x = inputs[b].clone().requires_grad_(True)
@@ -125,8 +125,3 @@ def _precompute(host: nn.Module, batches: list[dict[str, Any]], cfg: SparsifyCon
     from .api import precompute_gradients
 
     return precompute_gradients(host, batches, cfg, loss_fn=_grad_loss)
-
-
-def _as_dict(stats: FisherStatistics) -> Mapping[str, Any]:
-    return {"fisher": stats.fisher, "row_weights": stats.row_weights, "sample_fishers": stats.sample_fishers,
-            "clusters": stats.clusters}
