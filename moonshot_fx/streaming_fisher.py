@@ -21,8 +21,8 @@ checkpoint larger than memory gets the same chain rule with one decoder layer re
 Cost: every layer runs three extra forwards and two backwards (the saved-input forward, the
 gradient pass, the input-gradient pass), and scratch disk of one activation buffer per layer plus
 each layer's Fisher statistics. Memory stays one layer plus two activation buffers (inputs and
-gradients). The result equals the in-memory run up to the order of floating-point sums
-(the in-memory backward runs one sample at a time; here whole batches), which tests check.
+gradients). Every step runs one sample at a time, as the in-memory backward does, so the
+statistics are summed in the same order; tests check the result equals the in-memory run.
 """
 from __future__ import annotations
 
@@ -58,18 +58,23 @@ def _grad_loss(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> to
     return (out.float() * kwargs["grad_out"].float()).flatten(1).sum(dim=1)
 
 
+_grad_loss.per_sample = True  # type: ignore[attr-defined]  # reads only its batch: the pass may split it per sample
+
+
 def head_gradients(hidden: torch.Tensor, ids: Sequence[torch.Tensor], norm: nn.Module, head: nn.Module,
                    cfg: SparsifyConfig) -> torch.Tensor:
     """``∂ Σ loss / ∂ hidden`` for every calibration batch (``hidden``: ``(batches, B, T, d)``)."""
     sampler = SampledLabelLoss(seed=0) if cfg.fisher_labels == "model" else None
     grads = torch.empty_like(hidden)
     for b, x in enumerate(ids):
-        h = hidden[b].detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = head(norm(h))
-            losses = sampler(logits, (x,), {}) if sampler is not None else next_token_loss(logits, x)
-            (g,) = torch.autograd.grad(losses.sum(), h)
-        grads[b] = g
+        for s in range(x.shape[0]):  # one sample at a time, as the in-memory backward
+            h = hidden[b, s:s + 1].detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = head(norm(h))
+                xs = x[s:s + 1]
+                losses = sampler(logits, (xs,), {}) if sampler is not None else next_token_loss(logits, xs)
+                (g,) = torch.autograd.grad(losses.sum(), h)
+            grads[b, s:s + 1] = g
     return grads
 
 
@@ -81,12 +86,14 @@ def stream_gradients(load: LoadLayer, free: FreeLayer, n_layers: int, hidden: to
 
     ``hidden``: the embeddings of the calibration batches (consumed: it ends as the last hidden
     state); ``side``: the other layer inputs (``cos, sin[, mask]``)."""
+    n = hidden.shape[1]  # samples per batch: every step below runs one sample at a time, as in memory
     with torch.no_grad():  # 1. dense forward, each layer's input kept on disk
         for li in range(n_layers):
             torch.save(hidden, work / f"input{li}.pt")
             host = load(li)
             for b in range(hidden.shape[0]):
-                hidden[b] = host(hidden[b], *side)
+                for s in range(n):
+                    hidden[b, s:s + 1] = host(hidden[b, s:s + 1], *_sample(side, s, n))
             free(host)
     grads = head_gradients(hidden, ids, norm, head, cfg)  # 2. the loss at the head
     del hidden
@@ -98,11 +105,12 @@ def stream_gradients(load: LoadLayer, free: FreeLayer, n_layers: int, hidden: to
         torch.save(None if stats is None else vars(stats), work / f"fisher{li}.pt")
         if li > 0:
             for b in range(inputs.shape[0]):
-                x = inputs[b].clone().requires_grad_(True)
-                with torch.enable_grad():
-                    out = host(x, *side)
-                    (g,) = torch.autograd.grad(out, x, grad_outputs=grads[b])
-                grads[b] = g
+                for s in range(n):
+                    x = inputs[b, s:s + 1].clone().requires_grad_(True)
+                    with torch.enable_grad():
+                        out = host(x, *_sample(side, s, n))
+                        (g,) = torch.autograd.grad(out, x, grad_outputs=grads[b, s:s + 1])
+                    grads[b, s:s + 1] = g
         del inputs, batches, stats
         (work / f"input{li}.pt").unlink()
         free(host)
@@ -116,9 +124,18 @@ def stream_gradients(load: LoadLayer, free: FreeLayer, n_layers: int, hidden: to
     return stats_of
 
 
+def _sample(side: Sequence[torch.Tensor], s: int, n: int) -> list[torch.Tensor]:
+    """The side inputs of sample ``s`` of a batch of ``n`` (those shared by the batch, dim 0 of 1, as they are)."""
+    return [t[s:s + 1] if t.shape[0] == n else t for t in side]
+
+
 def _batch(x: torch.Tensor, side: Sequence[torch.Tensor], g: torch.Tensor) -> dict[str, Any]:
+    """A gradient-pass batch whose every tensor has the batch's samples on dim 0 (the side inputs
+    are expanded, not copied), so that the pass splits it into single samples as the in-memory one does."""
     names = ("cos", "sin", "mask")
-    return {"hidden": x, **{names[i]: t for i, t in enumerate(side)}, "grad_out": g}
+    n = x.shape[0]
+    shared = {names[i]: t.expand(n, *t.shape[1:]) if t.shape[0] == 1 else t for i, t in enumerate(side)}
+    return {"hidden": x, **shared, "grad_out": g}
 
 
 def _precompute(host: nn.Module, batches: list[dict[str, Any]], cfg: SparsifyConfig) -> FisherStatistics | None:
