@@ -238,7 +238,7 @@ def sparsify(
         journal.close()
         model.train(was_training)
     report.sites = [SiteReport(r.name, r.pattern, r.sparsity, r.rel_error, s.params, r.seconds, r.note,
-                               layout=layout_name(s.transposed))
+                               layout=layout_name(s.transposed), solved_by=r.solved_by)
                     for s in sites for r in [results[s.name]]]
     timings["total"] = time.perf_counter() - t0
     report.timings = timings
@@ -319,9 +319,6 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
                                  diagonal_only=needs_diagonal_only(cfg),
                                  progress=progress_bar(progress, "calibrate", len(flat)))
         timings["calibrate"] = time.perf_counter() - t
-        for g in sorted(stats):  # no-op in one process
-            distributed.reduce_stats(stats[g])
         results = prune_all_groups(model, sites, stats, cfg, sample_fishers, alpha, progress)
-        distributed.broadcast_results([results[k] for k in sorted(results)])
     timings["prune"] = time.perf_counter() - t
     return results

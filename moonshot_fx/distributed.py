@@ -5,12 +5,17 @@ initialised default process group of more than one rank, :func:`moonshot_fx.spar
 
 * **shards the calibration batches** — every rank receives the *full* list and keeps
   ``batches[rank::world]`` (:func:`shard`); give every rank the same list, in the same order;
-* **reduces each group's statistics** where they are finalised (``XᵀX``, the token / row-cluster
-  Fisher terms, the row and batch counts; :func:`reduce_stats`) with ``all_reduce(SUM)`` in
-  float64, keys in sorted order, so every rank holds the same totals;
-* **solves once and broadcasts**: every rank runs the (deterministic) solve on the identical
-  reduced statistics, then rank 0's pruned weights are broadcast (:func:`broadcast_results`) so
-  the ranks agree bit for bit even if a solver were not deterministic;
+* **gives each group an owner rank chosen by solve cost** (:func:`assign_owners`: longest
+  processing time first, the cost of a group ``d_in³ + rows·d_in²`` — the Cholesky of its
+  ``d_in × d_in`` Hessian plus the column sweep of its ``rows`` output rows — added to the load
+  each rank already carries in this run), so the groups that are pruned together (all groups of
+  a block in the block unit, all groups in one-pass mode) are solved in parallel;
+* **reduces each group's statistics to its owner** where they are finalised (``XᵀX``, the token
+  / row-cluster Fisher terms, the row and batch counts; :func:`reduce_stats`) with
+  ``reduce(SUM)`` in float64, keys in sorted order; the other ranks drop theirs;
+* **the owner solves and broadcasts** the pruned weights and their report fields
+  (:func:`solve_by_owner`), so every rank holds the same result bit for bit; each result records
+  the rank that solved it (``solved_by``);
 * in sequential mode, every rank then **propagates its own shard** through the pruned block.
 
 Without a process group (or with one rank) nothing here runs: today's path is unchanged, bit
@@ -26,7 +31,8 @@ the ``sample`` / ``weight`` / ``kron`` Fisher kinds.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -78,8 +84,17 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return buf.to(t.device)
 
 
-def reduce_stats(stats: Any) -> Any:
-    """Sum a :class:`moonshot_fx.stats.LayerStats` over the ranks in place (and return it).
+def _reduce(t: torch.Tensor, dst: int) -> torch.Tensor:
+    dist = _dist()
+    buf = t.to(_device()).contiguous()
+    dist.reduce(buf, dst=dst, op=dist.ReduceOp.SUM)
+    return buf.to(t.device)
+
+
+def reduce_stats(stats: Any, dst: int | None = None) -> Any:
+    """Sum a :class:`moonshot_fx.stats.LayerStats` over the ranks in place (and return it): onto
+    rank ``dst`` (the other ranks' statistics are then meaningless: drop them), or onto every
+    rank with ``dst=None``.
 
     Every rank must call it for the same groups in the same order. A rank whose shard never
     reached the group contributes zeros (its ``hessian`` may be None)."""
@@ -87,27 +102,84 @@ def reduce_stats(stats: Any) -> Any:
         return stats
     if stats.mixed:
         raise ValueError("H_mix is formed from every row at once and cannot be reduced across ranks")
-    counts = torch.tensor([stats.rows, stats.batches], dtype=torch.int64)
-    counts = _all_reduce(counts)
+    total = _all_reduce if dst is None else (lambda t: _reduce(t, dst))
+    counts = total(torch.tensor([stats.rows, stats.batches], dtype=torch.int64))
     stats.rows, stats.batches = int(counts[0]), int(counts[1])
     if stats.hessian is None:
         raise ValueError("distributed calibration needs every rank to see every group; give each rank batches")
-    stats.hessian = _all_reduce(stats.hessian)
+    stats.hessian = total(stats.hessian)
     for site in sorted(stats.fisher):
-        stats.fisher[site] = _all_reduce(stats.fisher[site])
+        stats.fisher[site] = total(stats.fisher[site])
     return stats
 
 
-def broadcast_results(results: Sequence[Any], src: int = 0) -> None:
-    """Replace every result's ``weight`` by rank ``src``'s (in place; same order on every rank)."""
+def solve_cost(shapes: Sequence[Sequence[int]], diagonal_only: bool = False) -> float:
+    """The cost model of one input group's solve, from its sites' weight shapes ``(d_out, d_in…)``:
+    ``d_in³ + rows·d_in²`` (Cholesky of the shared Hessian, then the sweep over every output row);
+    ``rows·d_in`` for score-based pruning (``diagonal_only``: Wanda keeps only the Hessian diagonal)."""
+    d_in = max(int(torch.Size(s[1:]).numel()) for s in shapes)
+    rows = sum(int(s[0]) for s in shapes)
+    return float(rows * d_in) if diagonal_only else float(d_in) ** 3 + float(rows) * d_in**2
+
+
+def assign_owners(costs: Sequence[float], world: int, loads: list[float] | None = None) -> list[int]:
+    """An owner rank per job: longest processing time first — jobs in decreasing cost (ties: in
+    order), each to the rank with the least load so far (ties: the lowest rank). ``loads`` (one per
+    rank, updated in place) carries the load of earlier calls, so a run of one-job calls rotates."""
+    loads = loads if loads is not None else [0.0] * world
+    owners = [0] * len(costs)
+    for j in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        owner = min(range(world), key=lambda r: (loads[r], r))
+        owners[j] = owner
+        loads[owner] += costs[j]
+    return owners
+
+
+def solve_by_owner(jobs: Sequence[tuple[Any, float]], solve: Callable[[int], list[Any]],
+                   loads: list[float] | None = None) -> list[list[Any]]:
+    """Solve every job on its owner rank and give every rank every result.
+
+    ``jobs``: ``(statistics, cost)`` per input group, the same list (order and costs) on every
+    rank; ``solve(j)`` returns job ``j``'s :class:`~moonshot_fx.passes.prune.SiteResult` list
+    (its statistics are ``jobs[j][0]``). In one process: ``solve`` on each, in order. Distributed: each job's statistics are
+    reduced onto its owner (:func:`assign_owners`), each rank solves the jobs it owns, then each
+    owner broadcasts its results (fields, then weights as bytes), job by job in order."""
     if not is_distributed():
-        return
+        return [solve(j) for j in range(len(jobs))]
+    rank, world = rank_and_world()
+    owners = assign_owners([c for _, c in jobs], world, loads)
+    for (stats, _), owner in zip(jobs, owners):
+        reduce_stats(stats, dst=owner)
+        if owner != rank:
+            stats.hessian, stats.fisher = None, {}  # only the owner's sums are totals
+    mine = {j: solve(j) for j, owner in enumerate(owners) if owner == rank}
+    out = []
+    for j, owner in enumerate(owners):
+        out.append(_broadcast_group(mine.get(j), owner, rank))
+    return out
+
+
+def _broadcast_group(results: list[Any] | None, src: int, rank: int) -> list[Any]:
+    """Rank ``src``'s results of one group on every rank: the fields (weights as shape and dtype)
+    by object broadcast, then each weight's bytes."""
     dist = _dist()
     dev = _device()
-    for r in results:
-        buf = r.weight.detach().to(dev).contiguous().clone()
-        dist.broadcast(buf, src=src)
-        r.weight = buf.to(r.weight.device, r.weight.dtype)
+    meta: list[Any] = [None]
+    if rank == src:
+        assert results is not None
+        meta[0] = [(dataclasses.replace(r, weight=None, solved_by=src), tuple(r.weight.shape), r.weight.dtype,
+                    r.weight.device.type) for r in results]
+    dist.broadcast_object_list(meta, src=src, device=dev if dev.type == "cuda" else None)
+    out = []
+    for i, (fields, shape, dtype, kind) in enumerate(meta[0]):
+        if rank == src:
+            buf = results[i].weight.detach().to(dev).contiguous().clone()
+        else:
+            buf = torch.empty(shape, dtype=dtype, device=dev)
+        dist.broadcast(buf.view(-1).view(torch.uint8), src=src)  # bytes: every dtype, every backend
+        home = dev if kind == dev.type else torch.device("cpu")  # where the owner keeps it (this rank's GPU)
+        out.append(dataclasses.replace(fields, weight=buf.to(home) if results is None else results[i].weight))
+    return out
 
 
 def check_supported(method: str, alpha: Any, fisher: str) -> None:

@@ -37,6 +37,8 @@ class SiteReport:
     #: ``"in_out"`` (HF ``Conv1D``, a bare ``x @ W``). N:M groups run along the input dimension, so
     #: check an ``"in_out"`` weight with ``check_pattern(w, pattern, transposed=True)``
     layout: str = "out_in"
+    #: the rank that solved it under torch.distributed (0 in one process)
+    solved_by: int = 0
 
     @property
     def transposed(self) -> bool:

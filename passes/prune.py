@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from moonshot_fx import distributed
 from moonshot_fx.config import SparsifyConfig
 from moonshot_fx.linalg import inverse_cholesky_upper, prepare_hessian
 from moonshot_fx.progress import progress_bar
@@ -42,6 +43,8 @@ class SiteResult:
     #: non-empty: the site was left dense for this reason (``weight`` is its unchanged value;
     #: the caller reports it in ``report.skipped`` and does not write it)
     skipped: str = ""
+    #: the rank that solved it under torch.distributed (0 in one process)
+    solved_by: int = 0
 
 
 def parameter(model: nn.Module, name: str) -> torch.Tensor:
@@ -172,10 +175,23 @@ def prune_all_groups(model: nn.Module, sites: list[Site], stats: dict[str, Any],
                      sample_fishers: dict[str, torch.Tensor] | None, alpha: float | None,
                      progress: bool = False) -> dict[str, SiteResult]:
     """Prune every input group with its statistics ``stats[group]`` (pure maths, nothing is
-    written into the model); returns site name → result."""
-    out: dict[str, SiteResult] = {}
+    written into the model); returns site name → result. Under torch.distributed each group is
+    solved by its owner rank and broadcast (:func:`moonshot_fx.distributed.solve_by_owner`)."""
     groups = group_sites(sites)
-    for g in progress_bar(progress, "prune", len(groups))(list(groups)):
-        for r in prune_group(groups[g], stats[g], model, cfg, sample_fishers=sample_fishers, alpha=alpha):
-            out[r.name] = r
-    return out
+    names = sorted(groups)  # the same order on every rank
+    jobs = [(stats[g], group_cost(groups[g], stats[g])) for g in names]
+    ticks = iter(progress_bar(progress, "prune", len(names))(names))
+
+    def solve(j: int) -> list[SiteResult]:
+        next(ticks, None)
+        return prune_group(groups[names[j]], jobs[j][0], model, cfg, sample_fishers=sample_fishers, alpha=alpha)
+
+    results = {r.name: r for rs in distributed.solve_by_owner(jobs, solve) for r in rs}
+    for _ in ticks:  # under torch.distributed this rank solved only its own groups
+        pass
+    return results
+
+
+def group_cost(sites: list[Site], stats: Any) -> float:
+    """The solve cost of one input group (:func:`moonshot_fx.distributed.solve_cost`)."""
+    return distributed.solve_cost([s.shape for s in sites], getattr(stats, "diagonal_only", False))

@@ -36,7 +36,7 @@ from .apply import WeightJournal
 from .calibrate import StatsCollector, accumulation_key, needs_diagonal_only
 from .capture import CapturedGraph
 from .discover import Site
-from .prune import SiteResult, prune_group
+from .prune import SiteResult, group_cost, prune_group
 from .region import RegionReconstructor
 from .runner import GraphRunner, SiteHook
 
@@ -75,23 +75,31 @@ def sequential_prune(
         mix_alpha = None  # H_mix needs every row at once: keep H and F apart and reduce them
     collector = StatsCollector(sites, row_weights, needs_diagonal_only(config), mix_alpha=mix_alpha)
 
-    def prune(group: str) -> None:
-        stats = collector.stats.pop(group, None)
-        if stats is None:
-            raise CalibrationError(f"no calibration data reached the input of {group!r}; is it used by forward?")
-        distributed.reduce_stats(stats)  # no-op in one process
-        group_results = prune_group(collector.groups[group], stats, model, config, weights=substitutes,
-                                    sample_fishers=sample_fishers, alpha=alpha, release=True)
-        distributed.broadcast_results(group_results)
-        if journal is not None:  # into the model now; the result points at the model's storage
-            written = journal.write({r.name: r.weight for r in group_results})
-            for r in group_results:
-                r.weight = written[r.name]
-        else:
-            substitutes.update((r.name, r.weight) for r in group_results)
-        results.update((r.name, r) for r in group_results)
-        on_group(group_results)
-        release_freed_memory()  # the group's statistics and solver temporaries: back to the OS
+    loads = [0.0] * distributed.rank_and_world()[1]  # solve cost each rank has owned so far
+
+    def prune(*groups: str) -> None:
+        """Prune ``groups`` (calibrated together), each solved by its owner rank when distributed."""
+        jobs = []
+        for group in groups:
+            stats = collector.stats.pop(group, None)
+            if stats is None:
+                raise CalibrationError(f"no calibration data reached the input of {group!r}; is it used by forward?")
+            jobs.append((stats, group_cost(collector.groups[group], stats)))
+
+        def solve(j: int) -> list[SiteResult]:
+            return prune_group(collector.groups[groups[j]], jobs[j][0], model, config, weights=substitutes,
+                               sample_fishers=sample_fishers, alpha=alpha, release=True)
+
+        for group_results in distributed.solve_by_owner(jobs, solve, loads):
+            if journal is not None:  # into the model now; the result points at the model's storage
+                written = journal.write({r.name: r.weight for r in group_results})
+                for r in group_results:
+                    r.weight = written[r.name]
+            else:
+                substitutes.update((r.name, r.weight) for r in group_results)
+            results.update((r.name, r) for r in group_results)
+            on_group(group_results)
+        release_freed_memory()  # the groups' statistics and solver temporaries: back to the OS
 
     region = RegionReconstructor(model, config, substitutes, results) if config.reconstruct == "region" else None
     if region is not None and distributed.is_distributed():
@@ -127,7 +135,7 @@ def _group_hook(collector: StatsCollector, prune: Callable[[str], None]) -> Site
 
 def _run_blocks(captured: CapturedGraph, sites: Sequence[Site], flat_batches: list[list[Any]],
                 collector: StatsCollector, substitutes: dict[str, torch.Tensor],
-                prune: Callable[[str], None], *, group_hook: SiteHook | None = None,
+                prune: Callable[..., None], *, group_hook: SiteHook | None = None,
                 region: RegionReconstructor | None = None) -> None:
     """Block-level loop: per segment, calibrate and prune, then re-run the segment pruned.
 
@@ -149,8 +157,7 @@ def _run_blocks(captured: CapturedGraph, sites: Sequence[Site], flat_batches: li
             del scratch
             release_freed_memory()  # the calibration pass's activations
             if group_hook is None:  # every group of the segment's nodes (a grouped expert product: one per expert)
-                for group in dict.fromkeys(s.group for n in seg for s in runner.sites_of_node[n]):
-                    prune(group)
+                prune(*dict.fromkeys(s.group for n in seg for s in runner.sites_of_node[n]))
             if region is not None:
                 pos = region.run_segment(runner, env, nb, pos, seg, final)
             elif not final:  # propagate with the pruned weights; nothing reads the last block's output

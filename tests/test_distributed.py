@@ -36,13 +36,16 @@ def _batches() -> list[dict[str, torch.Tensor]]:
 
 
 def _prune(case: str) -> dict[str, torch.Tensor]:
+    """The pruned projections, and under ``"solved_by"`` the rank that solved each site."""
     torch.set_num_threads(1)
     method, options = METHODS[case]
     model = _model()
     batches = _batches()
     moonshot_fx.sparsify(model, batches[0], calibration=batches, sparsity="2:4", method=method,
                          progress=False, **options)
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "proj" in k}
+    out = {k: v.detach().clone() for k, v in model.state_dict().items() if "proj" in k}
+    out["solved_by"] = {s.name: s.solved_by for s in model.moonshot_report.sites}
+    return out
 
 
 def _worker(rank: int, world: int, port: int, method: str, out: str) -> None:
@@ -73,6 +76,12 @@ def test_two_process_gloo_equals_one_process(tmp_path, method):
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     ref = _prune(method)
+    owners, ref_owners = r0.pop("solved_by"), ref.pop("solved_by")
+    assert owners == r1.pop("solved_by"), "the ranks report different owners"
+    assert set(ref_owners.values()) == {0}  # one process: rank 0 solves everything
+    # the solves are shared by cost: each rank owns some groups (q/k/v share one, gate/up another)
+    assert set(owners.values()) == {0, 1}, owners
+    assert owners["model.layers.0.self_attn.q_proj.weight"] == owners["model.layers.0.self_attn.k_proj.weight"]
     assert r0.keys() == ref.keys() and len(ref) == 14
     agree = total = 0
     for k, w in ref.items():
@@ -84,3 +93,20 @@ def test_two_process_gloo_equals_one_process(tmp_path, method):
         both = m_ref & m_dist
         torch.testing.assert_close(r0[k][both], w[both], rtol=1e-3, atol=1e-4)
     assert agree / total >= 0.999, f"mask agreement {agree / total:.5f}"
+
+
+def test_owners_longest_job_first_to_least_loaded_rank():
+    # costs 9, 7, 5, 3 over 2 ranks: 9→0, 7→1, 5→1 (load 7 < 9), 3→0 (9 < 12)
+    assert distributed.assign_owners([5.0, 9.0, 3.0, 7.0], 2) == [1, 0, 0, 1]
+    loads = [0.0, 0.0]
+    # one job per call (the group unit) rotates with the carried loads; ties go to the lowest rank
+    assert [distributed.assign_owners([c], 2, loads)[0] for c in (4.0, 4.0, 1.0, 1.0)] == [0, 1, 0, 1]
+    assert loads == [5.0, 5.0]
+    assert distributed.assign_owners([1.0, 1.0, 1.0], 1) == [0, 0, 0]
+
+
+def test_solve_cost_is_cholesky_plus_sweep():
+    # q/k/v of a 64-wide layer: d_in 64, rows 64 + 32 + 32
+    assert distributed.solve_cost([(64, 64), (32, 64), (32, 64)]) == 64.0**3 + 128 * 64.0**2
+    assert distributed.solve_cost([(16, 3, 3, 3)]) == 27.0**3 + 16 * 27.0**2  # conv: d_in = in·k·k
+    assert distributed.solve_cost([(10, 20)], diagonal_only=True) == 200.0
