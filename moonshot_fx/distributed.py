@@ -31,8 +31,10 @@ the ``sample`` / ``weight`` / ``kron`` Fisher kinds.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -60,9 +62,32 @@ def rank_and_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+_ALREADY_SHARDED: contextvars.ContextVar[bool] = contextvars.ContextVar("moonshot_fx_sharded", default=False)
+
+
+@contextlib.contextmanager
+def already_sharded() -> Iterator[None]:
+    """Inside, :func:`shard` keeps every batch: the caller has sharded them already
+    (``sparsify_checkpoint`` shards its windows once and calls ``sparsify`` per layer on its shard)."""
+    token = _ALREADY_SHARDED.set(True)
+    try:
+        yield
+    finally:
+        _ALREADY_SHARDED.reset(token)
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in one process)."""
+    if is_distributed():
+        _dist().barrier()
+
+
 def shard(batches: Sequence[T]) -> list[T]:
-    """This rank's calibration batches: ``batches[rank::world]`` (all of them in one process)."""
+    """This rank's calibration batches: ``batches[rank::world]`` (all of them in one process, or
+    inside :func:`already_sharded`)."""
     rank, world = rank_and_world()
+    if _ALREADY_SHARDED.get():
+        return list(batches)
     if world > 1 and len(batches) < world:
         from .errors import CalibrationError
 

@@ -30,6 +30,14 @@ hands each layer's Fisher statistics to that layer's ``sparsify``; the result eq
 MOONSHOT (bit for bit for the token, row and weight forms on the tiny Llama of
 tests/test_streaming_moonshot.py; Kronecker and sample forms to rounding).
 
+Under ``torchrun`` (an initialised process group of several ranks; :mod:`.distributed`) every
+rank is called with the same arguments and the same calibration list: each keeps its windows
+``ids[rank::world]`` in its own buffer (activation memory per rank ÷ world), every layer's
+statistics are reduced onto the group's owner rank, which solves and broadcasts, and every rank
+propagates its own windows; only rank 0 writes ``dst_dir`` (the others return the same report
+once it exists). MOONSHOT's gradient pass runs on each rank's own windows (token and row
+Fisher forms, as in memory under distribution).
+
 Not streamed (raise :class:`~moonshot_fx.errors.ConfigError`): MOONSHOT's ``alpha="auto"`` (it
 scores candidates on the whole model), ``reconstruct="region"``, ``prune_head=True``, and
 calibration with padding (an ``attention_mask`` containing zeros).
@@ -56,6 +64,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 import torch.nn as nn
 
+from . import distributed
 from .config import SparsifyConfig, default_sequential_unit
 from .errors import CalibrationError, ConfigError, ModelLoadError, NoPrunableSitesError
 from .hf_export import REPORT_FILE, _replace_dir, _strip_config, check_destination, write_report
@@ -286,18 +295,22 @@ def sparsify_checkpoint(
         (per_layer[int(m.group(1))] if m and int(m.group(1)) < n_layers else others).append(name)
     if not ids:  # magnitude: one window of token 0 only to trace each layer
         ids = [torch.zeros(1, 8, dtype=torch.long)]
+    elif cfg.method != "magnitude":  # torch.distributed: this rank's windows (all of them in one process)
+        ids = distributed.shard(ids)
+    writer = distributed.rank_and_world()[0] == 0  # under torch.distributed rank 0 writes the output
     timings = {"load": 0.0, "prune": 0.0, "propagate": 0.0, "write": 0.0}
     report = SparsityReport(config=cfg.to_dict(), sequential=bool(cfg.sequential) and cfg.method != "magnitude")
 
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)) if writer else None
     work: Path | None = None
     try:
         from safetensors.torch import save_file
 
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
+        if tmp is not None:
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o777 & ~umask)
         n_files = n_layers + 1
         fname = "model-{:05d}-of-{:05d}.safetensors".format
         weight_map: dict[str, str] = {}
@@ -305,6 +318,8 @@ def sparsify_checkpoint(
 
         def write(tensors: dict[str, torch.Tensor], k: int) -> float:
             nonlocal total_size
+            if tmp is None:  # not the writing rank
+                return 0.0
             t = time.perf_counter()
             body = {n: v.detach().contiguous() for n, v in tensors.items()}
             save_file(body, str(tmp / fname(k, n_files)), metadata={"format": "pt"})
@@ -373,8 +388,9 @@ def sparsify_checkpoint(
             t = time.perf_counter()
             batches = [(buf[i], cos, sin, *extra_in) for i in range(len(ids))]
             try:
-                sparsify(host, batches[0], calibration=batches if cfg.method != "magnitude" else [],
-                         config=cfg, progress=False, gradients=None if fisher_of is None else fisher_of(li))
+                with distributed.already_sharded():  # this rank's windows (ids) are its shard already
+                    sparsify(host, batches[0], calibration=batches if cfg.method != "magnitude" else [],
+                             config=cfg, progress=False, gradients=None if fisher_of is None else fisher_of(li))
             except NoPrunableSitesError:
                 host.moonshot_report = None  # type: ignore[assignment]  # the globs select nothing here
             prune_seconds = time.perf_counter() - t
@@ -422,15 +438,20 @@ def sparsify_checkpoint(
             raise NoPrunableSitesError("no decoder-layer weight was selected by include/exclude; nothing to prune.")
         del buf
 
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        _copy_side_files(src, tmp)
         timings["total"] = time.perf_counter() - t_start
         report.timings = timings
-        write_report(tmp, report, {"streaming": True, "source": str(src), "layers": n_layers, **(extra or {})})
-        _replace_dir(tmp, dest)
+        if tmp is not None:
+            index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            _copy_side_files(src, tmp)
+            world = distributed.rank_and_world()[1]
+            write_report(tmp, report, {"streaming": True, "source": str(src), "layers": n_layers,
+                                       **({"processes": world} if world > 1 else {}), **(extra or {})})
+            _replace_dir(tmp, dest)
+        distributed.barrier()  # every rank returns once the output exists
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         if work is not None:  # the gradient pass's scratch files

@@ -110,7 +110,7 @@ def prune_group(
         if config.method == "moonshot":
             if mixed is None:  # else H_mix already: the base pruner runs on it as is
                 fisher = None
-                if config.fisher in ("token", "kron") and site.name in stats.fisher:
+                if config.fisher in ("token", "row", "kron") and site.name in stats.fisher:  # row: (C, d, d)
                     fisher = stats.mean_fisher(site.name)
                     if config.fisher == "kron" and sample_fishers and site.name in sample_fishers:
                         options["kron_g"] = sample_fishers[site.name]  # the output factor G (d_out²)

@@ -1,6 +1,7 @@
 """Distributed calibration (torch.distributed, gloo on localhost) equals the one-process result."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -20,6 +21,7 @@ METHODS = {
     "sparsegpt": ("sparsegpt", {"sequential": True}),
     "sparsegpt-one-pass": ("sparsegpt", {"sequential": False}),
     "moonshot": ("moonshot", {"alpha": 0.5, "fisher": "token", "sequential": True}),
+    "moonshot-row": ("moonshot", {"alpha": 0.5, "fisher": "row", "sequential": True}),
 }
 
 
@@ -56,6 +58,74 @@ def _worker(rank: int, world: int, port: int, method: str, out: str) -> None:
         torch.save(_prune(method), os.path.join(out, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
+
+
+#: streamed case → (method, options)
+STREAMED = {
+    "sparsegpt": ("sparsegpt", {}),
+    "moonshot": ("moonshot", {"alpha": 0.5, "fisher": "row"}),
+}
+
+
+def _checkpoint(path: Path) -> Path:
+    if not (path / "config.json").exists():
+        _model().save_pretrained(path, max_shard_size="200KB")  # 2 layers of width 64 in fp32: several shards
+    return path
+
+
+def _stream(src: Path, dst: Path, case: str) -> dict[str, torch.Tensor]:
+    """``sparsify_checkpoint`` of the tiny checkpoint; returns the rank's report owners."""
+    torch.set_num_threads(1)
+    method, options = STREAMED[case]
+    report = moonshot_fx.sparsify_checkpoint(src, dst, calibration=[b["input_ids"] for b in _batches()],
+                                             sparsity="2:4", method=method, **options)
+    return {s.name: s.solved_by for s in report.sites}
+
+
+def _stream_worker(rank: int, world: int, port: int, case: str, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        owners = _stream(Path(root) / "src", Path(root) / "out" / "pruned", case)
+        torch.save(owners, os.path.join(root, f"owners{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(STREAMED))
+def test_two_process_streamed_checkpoint_equals_one_process(tmp_path, case):
+    src = _checkpoint(tmp_path / "src")
+    mp.spawn(_stream_worker, args=(2, _free_port(), case, str(tmp_path)), nprocs=2, join=True)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["pruned"]  # rank 0 wrote it, nothing else is left
+    report = json.loads((tmp_path / "out" / "pruned" / "moonshot_report.json").read_text())
+    assert report["processes"] == 2
+    owners0, owners1 = torch.load(tmp_path / "owners0.pt"), torch.load(tmp_path / "owners1.pt")
+    assert owners0 == owners1 and set(owners0.values()) == {0, 1}
+    ref_owners = _stream(src, tmp_path / "one" / "pruned", case)
+    assert set(ref_owners.values()) == {0}
+    got, ref = _weights(tmp_path / "out" / "pruned"), _weights(tmp_path / "one" / "pruned")
+    assert got.keys() == ref.keys()
+    agree = total = 0
+    for k, w in ref.items():
+        if "proj" not in k:
+            assert torch.equal(got[k], w), k  # copied or untouched tensors
+            continue
+        m_ref, m_dist = w != 0, got[k] != 0
+        assert (m_dist.view(-1, 4).sum(1) <= 2).all()
+        agree += int((m_ref == m_dist).sum())
+        total += w.numel()
+        both = m_ref & m_dist
+        torch.testing.assert_close(got[k][both], w[both], rtol=1e-3, atol=1e-4)
+    assert agree / total >= 0.999, f"mask agreement {agree / total:.5f}"
 
 
 def _free_port() -> int:

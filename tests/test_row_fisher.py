@@ -197,3 +197,21 @@ def test_model_labels_cannot_be_combined_with_a_custom_loss() -> None:
                              fisher_labels="model", loss_fn=lambda out, a, k: out.logits.sum(dim=(1, 2)))
     with pytest.raises(ConfigError, match="row_clusters"):
         moonshot_fx.SparsifyConfig(row_clusters=0)
+
+
+def test_one_pass_row_fisher_mixes_as_the_sequential_pass_does() -> None:
+    # The first block sees the dense inputs in both modes: the sequential pass forms H_mix per row
+    # cluster in one product, the one-pass mode keeps H and the (C, d, d) Fisher apart and mixes
+    # them in the pruner (as under torch.distributed). The same maths: the same layer-0 masks.
+    cal = [{"input_ids": torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(b))} for b in range(2)]
+    q = "model.layers.0.self_attn.q_proj.weight"
+    out = {}
+    for name, opts in {"seq": {"sequential": True}, "one": {"sequential": False}}.items():
+        m = tiny_llama()
+        moonshot_fx.sparsify(m, calibration=cal, sparsity="2:4", method="moonshot", alpha=0.5, fisher="row", **opts)
+        out[name] = m.get_parameter(q).detach().clone()
+    base = tiny_llama()
+    moonshot_fx.sparsify(base, calibration=cal, sparsity="2:4", method="sparsegpt", sequential=False)
+    assert ((out["seq"] != 0) == (out["one"] != 0)).float().mean() >= 0.99
+    torch.testing.assert_close(out["one"], out["seq"], rtol=1e-3, atol=1e-4)
+    assert ((out["one"] != 0) != (base.get_parameter(q) != 0)).any()  # the Fisher term is used
