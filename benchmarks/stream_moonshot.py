@@ -9,8 +9,10 @@ peak RSS, mask agreement, the largest weight difference and perplexity of both o
 test and C4 (``benchmarks/results/stream-moonshot_smollm2.json``). Times are indicative only
 when other work shares the machine.
 
-A third process repeats the in-memory run with a different number of threads (``--repeat-threads``,
-default 2): the same maths with another floating-point summation order. Its mask agreement with
+A third process repeats the in-memory run with the same windows in batches of another size
+(``--repeat-batch``, default twice ``--batch``): the same maths with another floating-point
+summation order (each batch's ``XᵀX`` is one fp32 product). (A repeat with another thread count
+would do too, but two threads beside another busy process slow down more than tenfold here.) Its mask agreement with
 the first in-memory run is the yardstick for the streamed one — MOONSHOT's sequential pass turns
 rounding-level differences in its statistics into mask flips that grow layer by layer (per-layer
 agreement in ``layers``), so streamed and in-memory cannot agree better than two in-memory runs do.
@@ -60,8 +62,6 @@ def run_side(args: argparse.Namespace) -> None:
     src, work = Path(args.src), Path(args.work)
     calib = calibration(args)
     opts = dict(method="moonshot", base="sparsegpt", alpha=args.alpha)
-    if args.side == "repeat":
-        torch.set_num_threads(args.repeat_threads)
     if args.side == "stream":
         _, wall, peak = timed(lambda: moonshot_fx.sparsify_checkpoint(src, work / "stream", calibration=calib,
                                                                       sparsity=args.pattern, **opts))
@@ -84,7 +84,7 @@ def main() -> None:
     p.add_argument("--pattern", default="2:4")
     p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--cache", type=Path, default=CACHE)
-    p.add_argument("--repeat-threads", type=int, default=2, help="threads of the repeated in-memory run")
+    p.add_argument("--repeat-batch", type=int, default=None, help="batch size of the repeated in-memory run")
     p.add_argument("--side", choices=["stream", "memory", "repeat"], help=argparse.SUPPRESS)
     p.add_argument("--src", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -97,10 +97,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
         side = {}
+        repeat_batch = args.repeat_batch or 2 * args.batch
         for s in ("memory", "stream", "repeat"):
             cmd = [sys.executable, __file__, "--side", s, "--src", str(src), "--work", tmp,
-                   "--windows", str(args.windows), "--seq", str(args.seq), "--batch", str(args.batch),
-                   "--alpha", str(args.alpha), "--pattern", args.pattern, "--repeat-threads", str(args.repeat_threads)]
+                   "--windows", str(args.windows), "--seq", str(args.seq),
+                   "--batch", str(repeat_batch if s == "repeat" else args.batch),
+                   "--alpha", str(args.alpha), "--pattern", args.pattern]
             subprocess.run(cmd, check=True)
             side[s] = json.loads((Path(tmp) / f"{s}.json").read_text())
         a = AutoModelForCausalLM.from_pretrained(Path(tmp) / "memory", dtype=torch.float32)
@@ -130,7 +132,7 @@ def main() -> None:
                         "method": f"moonshot-sparsegpt alpha {args.alpha} (fisher auto)", "pattern": args.pattern,
                         "evaluation": f"first {args.eval_windows}x{args.seq} tokens of each text"},
            "machine": machine(), "memory": side["memory"], "stream": side["stream"], "repeat": side["repeat"],
-           "repeat_threads": args.repeat_threads, "mask_agreement": agree, "mask_agreement_repeat": agree_repeat,
+           "repeat_batch": repeat_batch, "mask_agreement": agree, "mask_agreement_repeat": agree_repeat,
            "mask_entries": total, "max_abs_weight_difference": diff, "perplexity": ppl, "layers": per_layer}
     write_json(RESULTS / "stream-moonshot_smollm2.json", out)
     print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=1))
