@@ -139,6 +139,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg = SparsifyConfig(sparsity=args.sparsity, method=args.method, exclude=exclude,
                          include=tuple(args.include or ("*",)), **options)
 
+    if not getattr(args, "stream", False) and (args.offload_activations or args.layer_device):
+        raise ConfigError("--offload-activations and --layer-device apply to --stream only; add --stream "
+                          "(a Hugging Face directory pruned layer by layer) or drop them.")
     if getattr(args, "stream", False):  # layer by layer from the safetensors shards (moonshot_fx.streaming)
         from .cli_stream import prune_command
 
@@ -319,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--stream", action="store_true", help="Hugging Face directory of a Llama-family model: prune one "
                    "decoder layer at a time from its safetensors shards into --out DIR (models larger than memory)")
+    p.add_argument("--offload-activations", metavar="DIR", help="with --stream: keep the calibration "
+                   "activations in a memory-mapped file in DIR instead of memory (removed at the end)")
+    p.add_argument("--layer-device", metavar="DEV", help="with --stream: run each layer on this device "
+                   "(default: CUDA where available, else the CPU)")
     p.add_argument("--report", help="write the sparsity report as JSON here")
     p.add_argument("--plot", metavar="FILE", help="write a figure of each pruned layer's relative reconstruction "
                    "error here (PNG, or the format of FILE's suffix; needs the plots extra)")

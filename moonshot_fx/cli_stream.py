@@ -41,7 +41,8 @@ def prune_command(args: Any, cfg: SparsifyConfig) -> int:
     from .streaming import sparsify_checkpoint
 
     report = sparsify_checkpoint(src, args.out, calibration=calib, sparsity=cfg.sparsity, method=cfg.method,
-                                 overwrite=args.overwrite,
+                                 overwrite=args.overwrite, layer_device=args.layer_device,
+                                 offload_activations=args.offload_activations,
                                  extra={"command": "moonshot-fx " + shlex.join(argv) if argv else ""}, **options)
     print(f"pruned (streaming): {len(report.sites)} layers with {cfg.method}; {100 * report.overall_sparsity:.1f}% of "
           f"{report.total_params:,} weights are zero; {report.timings['total']:.1f}s; saved to {args.out}")

@@ -65,6 +65,7 @@ import torch
 import torch.nn as nn
 
 from . import distributed
+from .activation_buffer import ActivationBuffer, onload_device
 from .config import SparsifyConfig, default_sequential_unit
 from .errors import CalibrationError, ConfigError, ModelLoadError, NoPrunableSitesError
 from .hf_export import REPORT_FILE, _replace_dir, _strip_config, check_destination, write_report
@@ -234,6 +235,8 @@ def sparsify_checkpoint(
     overwrite: bool = False,
     extra: Mapping[str, Any] | None = None,
     on_layer: Callable[[int, dict[str, float]], None] | None = None,
+    layer_device: str | torch.device | None = None,
+    offload_activations: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> SparsityReport:
     """Prune the Hugging Face checkpoint in ``src_dir`` one decoder layer at a time into ``dst_dir``.
@@ -259,6 +262,12 @@ def sparsify_checkpoint(
             (trace), ``calibrate`` (statistics and sequential re-runs), ``solve`` (the pruners;
             the sum of the sites' ``seconds``), ``propagate``, ``write`` and ``total`` (e.g. for
             progress, or to sample memory per layer, as ``benchmarks/scale.py`` does).
+        layer_device: where each layer runs (onloaded with its calibration activations,
+            offloaded after); default the current CUDA device where one exists, else the CPU. (The
+            ``device`` option, as in memory, moves only the solves.)
+        offload_activations: a directory for the calibration activations between layers (a
+            memory-mapped file, removed at the end) instead of memory; see
+            :mod:`moonshot_fx.activation_buffer`.
         **options: any other :class:`SparsifyConfig` field, as for :func:`moonshot_fx.sparsify`
             (``sequential`` defaults to True here, as in memory for any model of 8+ sites).
 
@@ -280,6 +289,7 @@ def sparsify_checkpoint(
         raise ConfigError(f"dst_dir {dst_dir} is (inside) the source {src}; the source is never modified, "
                           "choose another directory.")
     cfg = _make_config(sparsity, method, options)
+    dev = onload_device(layer_device)  # ConfigError for CUDA where there is none, before anything is written
     if cfg.sequential is None:
         cfg = cfg.replace(sequential=True)
     ids = _token_batches(calibration, max_batches)
@@ -304,6 +314,7 @@ def sparsify_checkpoint(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)) if writer else None
     work: Path | None = None
+    buffers: list[ActivationBuffer] = []
     try:
         from safetensors.torch import save_file
 
@@ -338,7 +349,9 @@ def sparsify_checkpoint(
             raise ModelLoadError(f"{src} has no {emb_name} tensor; is it a complete {type(meta).__name__} checkpoint?")
         emb = rest[emb_name]
         dtype = emb.dtype
-        buf = torch.empty((len(ids), *ids[0].shape, emb.shape[1]), dtype=dtype)
+        buffer = ActivationBuffer((len(ids), *ids[0].shape, emb.shape[1]), dtype, offload_activations)
+        buffers.append(buffer)
+        buf = buffer.tensor
         for i, x in enumerate(ids):
             buf[i] = torch.nn.functional.embedding(x, emb)
         del emb
@@ -352,7 +365,7 @@ def sparsify_checkpoint(
         positions = torch.arange(ids[0].shape[1]).unsqueeze(0)
         cos, sin = rotary(buf[0], position_ids=positions)
         mask = _causal_mask(config, buf[0], positions)
-        extra_in = () if mask is None else (mask,)
+        side = tuple(t.to(dev) for t in (cos, sin, *(() if mask is None else (mask,))))  # on the layers' device
         fisher_of = None
         if head is not None:  # MOONSHOT: the gradient pass streams the dense layers first
             t = time.perf_counter()
@@ -361,14 +374,17 @@ def sparsify_checkpoint(
             def load_dense(li: int) -> nn.Module:
                 layer = meta.model.layers[li]
                 _load_layer(layer, li, _read(per_layer[li], shards), src)
-                return _LayerHost(li, layer).eval()
+                return _LayerHost(li, layer).eval().to(dev)
 
             def free(host: nn.Module) -> None:
                 host.to("meta")
                 _release_memory()
 
-            fisher_of = stream_gradients(load_dense, free, n_layers, buf.clone(), (cos, sin, *extra_in), ids,
-                                         head[0], head[1], cfg, work)
+            hidden = buffer.like()  # the gradient pass runs the dense layers on its own copy
+            buffers.append(hidden)
+            fisher_of = stream_gradients(load_dense, free, n_layers, hidden.tensor, side, ids,
+                                         head[0].to(dev), head[1].to(dev), cfg, work, device=dev)
+            hidden.close()
             del head
             timings["gradients"] = time.perf_counter() - t
 
@@ -380,13 +396,13 @@ def sparsify_checkpoint(
             prefix = f"model.layers.{li}."
             state = _read(per_layer[li], shards)
             local = _load_layer(layer, li, state, src)
-            host = _LayerHost(li, layer).eval()
+            host = _LayerHost(li, layer).eval().to(dev)  # onloaded (a no-op on the CPU)
             dense = {k: v.clone() for k, v in state.items()} if not cfg.sequential else None
             phase = {"load": time.perf_counter() - t, "capture": 0.0, "calibrate": 0.0, "solve": 0.0, "propagate": 0.0}
             timings["load"] += phase["load"]
 
             t = time.perf_counter()
-            batches = [(buf[i], cos, sin, *extra_in) for i in range(len(ids))]
+            batches = [(buf[i].to(dev), *side) for i in range(len(ids))]
             try:
                 with distributed.already_sharded():  # this rank's windows (ids) are its shard already
                     sparsify(host, batches[0], calibration=batches if cfg.method != "magnitude" else [],
@@ -412,17 +428,17 @@ def sparsify_checkpoint(
                 for k, v in r.timings.items():
                     if k != "total":
                         timings[f"sparsify.{k}"] = timings.get(f"sparsify.{k}", 0.0) + v
-            new_state = {prefix + k: v for k, v in layer.state_dict().items()}
+            new_state = {prefix + k: v.to("cpu") for k, v in layer.state_dict().items()}
             out_state = {**state, **new_state}  # keeps any tensor the module does not hold
             del state
             if cfg.method != "magnitude" and li < n_layers - 1:
                 t = time.perf_counter()
                 if dense is not None:  # one-pass mode: later layers see the dense model's activations
-                    layer.load_state_dict({k[len(prefix):]: v for k, v in dense.items() if k[len(prefix):] in local},
-                                          assign=True)
+                    layer.load_state_dict({k[len(prefix):]: v.to(dev) for k, v in dense.items()
+                                           if k[len(prefix):] in local}, assign=True)
                 with torch.no_grad():
                     for i in range(len(ids)):
-                        buf[i] = host(buf[i], cos, sin, *extra_in)
+                        buf[i] = host(batches[i][0], *side).to("cpu")
                 phase["propagate"] = time.perf_counter() - t
                 timings["propagate"] += phase["propagate"]
             del dense, local
@@ -437,6 +453,7 @@ def sparsify_checkpoint(
         if not pruned_any:
             raise NoPrunableSitesError("no decoder-layer weight was selected by include/exclude; nothing to prune.")
         del buf
+        buffer.close()
 
         timings["total"] = time.perf_counter() - t_start
         report.timings = timings
@@ -454,6 +471,8 @@ def sparsify_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        for b in buffers:  # the activation files (offload_activations): removed on success and failure
+            b.close()
         if work is not None:  # the gradient pass's scratch files
             shutil.rmtree(work, ignore_errors=True)
     log.info("streamed %d layers of %s into %s: %s", n_layers, src, dest, report)

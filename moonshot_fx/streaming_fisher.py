@@ -62,30 +62,36 @@ _grad_loss.per_sample = True  # type: ignore[attr-defined]  # reads only its bat
 
 
 def head_gradients(hidden: torch.Tensor, ids: Sequence[torch.Tensor], norm: nn.Module, head: nn.Module,
-                   cfg: SparsifyConfig) -> torch.Tensor:
-    """``∂ Σ loss / ∂ hidden`` for every calibration batch (``hidden``: ``(batches, B, T, d)``)."""
+                   cfg: SparsifyConfig, device: torch.device | None = None) -> torch.Tensor:
+    """``∂ Σ loss / ∂ hidden`` for every calibration batch (``hidden``: ``(batches, B, T, d)``, kept
+    where it is; each sample runs on ``device``, where ``norm`` and ``head`` are)."""
+    dev = device or hidden.device
     sampler = SampledLabelLoss(seed=0) if cfg.fisher_labels == "model" else None
     grads = torch.empty_like(hidden)
     for b, x in enumerate(ids):
         for s in range(x.shape[0]):  # one sample at a time, as the in-memory backward
-            h = hidden[b, s:s + 1].detach().requires_grad_(True)
+            h = hidden[b, s:s + 1].to(dev).detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = head(norm(h))
-                xs = x[s:s + 1]
+                xs = x[s:s + 1].to(dev)
                 losses = sampler(logits, (xs,), {}) if sampler is not None else next_token_loss(logits, xs)
                 (g,) = torch.autograd.grad(losses.sum(), h)
-            grads[b, s:s + 1] = g
+            grads[b, s:s + 1] = g.to(grads.device)
     return grads
 
 
 def stream_gradients(load: LoadLayer, free: FreeLayer, n_layers: int, hidden: torch.Tensor,
                      side: Sequence[torch.Tensor], ids: Sequence[torch.Tensor], norm: nn.Module, head: nn.Module,
-                     cfg: SparsifyConfig, work: Path) -> Callable[[int], FisherStatistics | None]:
+                     cfg: SparsifyConfig, work: Path,
+                     device: torch.device | None = None) -> Callable[[int], FisherStatistics | None]:
     """Run the three steps of the module docstring; returns ``stats(i)``, which reads layer
     ``i``'s statistics back from ``work`` (a scratch directory the caller removes).
 
     ``hidden``: the embeddings of the calibration batches (consumed: it ends as the last hidden
-    state); ``side``: the other layer inputs (``cos, sin[, mask]``)."""
+    state); ``side``: the other layer inputs (``cos, sin[, mask]``). The layers, ``side``, ``norm``
+    and ``head`` are on ``device`` (default: ``hidden``'s); the activations and gradients stay where
+    ``hidden`` is and move there one sample at a time."""
+    dev = device or hidden.device
     n = hidden.shape[1]  # samples per batch: every step below runs one sample at a time, as in memory
     with torch.no_grad():  # 1. dense forward, each layer's input kept on disk
         for li in range(n_layers):
@@ -93,24 +99,24 @@ def stream_gradients(load: LoadLayer, free: FreeLayer, n_layers: int, hidden: to
             host = load(li)
             for b in range(hidden.shape[0]):
                 for s in range(n):
-                    hidden[b, s:s + 1] = host(hidden[b, s:s + 1], *_sample(side, s, n))
+                    hidden[b, s:s + 1] = host(hidden[b, s:s + 1].to(dev), *_sample(side, s, n)).to(hidden.device)
             free(host)
-    grads = head_gradients(hidden, ids, norm, head, cfg)  # 2. the loss at the head
+    grads = head_gradients(hidden, ids, norm, head, cfg, dev)  # 2. the loss at the head
     del hidden
     for li in reversed(range(n_layers)):  # 3. backward, one layer at a time
         inputs = torch.load(work / f"input{li}.pt", mmap=True, weights_only=True)
         host = load(li)
-        batches = [_batch(inputs[b], side, grads[b]) for b in range(inputs.shape[0])]
+        batches = [_batch(inputs[b].to(dev), side, grads[b].to(dev)) for b in range(inputs.shape[0])]
         stats = _precompute(host, batches, cfg)
         torch.save(None if stats is None else vars(stats), work / f"fisher{li}.pt")
         if li > 0:
             for b in range(inputs.shape[0]):
                 for s in range(n):
-                    x = inputs[b, s:s + 1].clone().requires_grad_(True)
+                    x = inputs[b, s:s + 1].to(dev, copy=True).requires_grad_(True)
                     with torch.enable_grad():
                         out = host(x, *_sample(side, s, n))
-                        (g,) = torch.autograd.grad(out, x, grad_outputs=grads[b, s:s + 1])
-                    grads[b, s:s + 1] = g
+                        (g,) = torch.autograd.grad(out, x, grad_outputs=grads[b, s:s + 1].to(dev))
+                    grads[b, s:s + 1] = g.to(grads.device)
         del inputs, batches, stats
         (work / f"input{li}.pt").unlink()
         free(host)

@@ -122,6 +122,92 @@ def test_failure_leaves_no_output(src: Path, tmp_path: Path, monkeypatch: pytest
     assert _tree_hash(src) == before
 
 
+def _out_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("method,options", [("sparsegpt", {}), ("moonshot", {"alpha": 0.5, "fisher": "row"})])
+def test_disk_backed_activations_equal_in_memory(src: Path, tmp_path: Path, method: str, options: dict,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import moonshot_fx.activation_buffer as ab
+
+    spill = tmp_path / "spill"
+    files: list[Path] = []
+    real = ab.ActivationBuffer.__init__
+
+    def recording_init(self, shape, dtype, directory=None):  # note each buffer's file while it exists
+        real(self, shape, dtype, directory)
+        if self.path is not None:
+            assert self.path.parent == spill and self.path.stat().st_size == self.tensor.numel() * 4
+            files.append(self.path)
+
+    monkeypatch.setattr(ab.ActivationBuffer, "__init__", recording_init)
+    moonshot_fx.sparsify_checkpoint(src, tmp_path / "ram", calibration=_calib(), sparsity="2:4", method=method,
+                                    **options)
+    assert files == []  # the default keeps the activations in memory
+    moonshot_fx.sparsify_checkpoint(src, tmp_path / "disk", calibration=_calib(), sparsity="2:4", method=method,
+                                    offload_activations=spill, layer_device="cpu", **options)
+    assert len(files) == (2 if method == "moonshot" else 1)  # MOONSHOT's gradient pass has its own copy
+    assert list(spill.iterdir()) == []  # removed at the end
+    a, b = _out_tensors(tmp_path / "ram"), _out_tensors(tmp_path / "disk")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_failure_removes_the_activation_file(src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import moonshot_fx.streaming as streaming
+
+    real = streaming._read
+    calls = {"n": 0}
+
+    def failing_read(names, shards):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("injected read failure")
+        return real(names, shards)
+
+    monkeypatch.setattr(streaming, "_read", failing_read)
+    spill = tmp_path / "spill"
+    with pytest.raises(OSError, match="injected"):
+        moonshot_fx.sparsify_checkpoint(src, tmp_path / "out", calibration=_calib(), sparsity="2:4",
+                                        offload_activations=spill)
+    assert list(spill.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_cuda_device_refused_without_cuda(src: Path, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        moonshot_fx.sparsify_checkpoint(src, tmp_path / "out", calibration=_calib(), sparsity="2:4",
+                                        layer_device="cuda")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method,options", [("sparsegpt", {}), ("moonshot", {"alpha": 0.5, "fisher": "row"})])
+def test_cuda_onload_matches_cpu(src: Path, tmp_path: Path, method: str, options: dict) -> None:
+    calib = _calib()
+    moonshot_fx.sparsify_checkpoint(src, tmp_path / "cpu", calibration=calib, sparsity="2:4", method=method,
+                                    layer_device="cpu", **options)
+    moonshot_fx.sparsify_checkpoint(src, tmp_path / "gpu", calibration=calib, sparsity="2:4", method=method,
+                                    layer_device="cuda", **options)
+    a, b = _out_tensors(tmp_path / "cpu"), _out_tensors(tmp_path / "gpu")
+    agree = total = 0
+    for k, w in a.items():
+        assert b[k].device.type == "cpu" and b[k].dtype == w.dtype
+        if "proj" in k:
+            assert check_pattern(b[k], "2:4")
+            agree += int(((w == 0) == (b[k] == 0)).sum())
+            total += w.numel()
+    assert agree / total >= 0.999
+
+
 def test_bad_options_raise_before_writing(src: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="alpha='auto'"):
         moonshot_fx.sparsify_checkpoint(src, tmp_path / "a", calibration=_calib(), method="moonshot", alpha="auto")
@@ -188,3 +274,35 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
     layer_kb = (2 * 1024 * 1024 + 2 * 1024 * 512 + 3 * 1024 * 2816) * 4 / 1024  # q, o; k, v (2 kv heads); mlp
     assert growth[16] <= 1.10 * growth[8], growth
     assert growth[16] < 0.5 * 16 * layer_kb, growth  # far below the 16 layers an in-memory load would hold
+
+
+def _char_tokenizer(path: Path) -> None:
+    """A character-level tokenizer (ids < 128, the tiny Llama's vocabulary) saved into ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(c): c - 32 for c in range(32, 127)}
+    vocab["[UNK]"] = 95
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+
+
+def test_cli_stream_with_offloaded_activations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from moonshot_fx.cli import main
+
+    src = _tiny_llama(tmp_path / "src", layers=2)
+    _char_tokenizer(src)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    spill, out = tmp_path / "spill", tmp_path / "out"
+    args = ["prune", "--model", str(src), "--calibration", str(text), "--sparsity", "2:4", "--method", "sparsegpt",
+            "--calib-windows", "4", "--seqlen", "32", "--no-progress"]
+    assert main([*args, "--out", str(out), "--offload-activations", str(spill)]) == 2  # needs --stream
+    assert "apply to --stream only" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--stream", "--out", str(out), "--offload-activations", str(spill),
+                 "--layer-device", "cpu"]) == 0
+    assert "pruned (streaming): 14 layers" in capsys.readouterr().out
+    assert list(spill.iterdir()) == []
+    tensors = _out_tensors(out)
+    assert all(check_pattern(w, "2:4") for k, w in tensors.items() if "proj" in k)
