@@ -119,9 +119,32 @@ def quadratic_error(weight: torch.Tensor, pruned: torch.Tensor, curvature: torch
     if torch.float64 in (weight.dtype, pruned.dtype, curvature.dtype):
         delta = weight.to(torch.float64) - pruned.to(torch.float64)
         return float(((delta @ curvature.to(torch.float64)) * delta).sum())
-    # fp32 product (fast GEMM), fp64 reduction: relative error ~1e-6, ample for comparisons
+    # fp32 products (fast GEMM), fp64 reduction: relative error ~1e-6, ample for comparisons
     delta = weight.to(torch.float32) - pruned.to(torch.float32)
-    return float(((delta @ curvature.to(torch.float32)) * delta).sum(dtype=torch.float64))
+    return symmetric_quadratic_form(delta, curvature.to(torch.float32))
+
+
+#: column block of :func:`symmetric_quadratic_form` (below it, the one-product form is as fast)
+SYMMETRIC_BLOCK = 1024
+
+
+def symmetric_quadratic_form(delta: torch.Tensor, c: torch.Tensor) -> float:
+    """``tr(Δ C Δᵀ)`` for a symmetric ``C`` (every curvature here is) from its upper block triangle:
+    ``Σ_I tr(Δ_I C_II Δ_Iᵀ) + 2 Σ_{I<J} tr(Δ_I C_IJ Δ_Jᵀ)`` over column blocks ``I`` — half the
+    flops of ``(Δ C) ∘ Δ`` (``rows·d²/2``). For a wide layer that is what the report's relative
+    error costs on top of the solve: the full product cost more than SparseGPT's solve itself
+    (5120 × 2048, one thread: 1.49 s against 1.34 s)."""
+    d = c.shape[0]
+    if d <= 2 * SYMMETRIC_BLOCK:
+        return float(((delta @ c) * delta).sum(dtype=torch.float64))
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(0, d, SYMMETRIC_BLOCK):
+        j = min(i + SYMMETRIC_BLOCK, d)
+        strip = delta[:, i:j] @ c[i:j, i:]  # (rows, d − i): the block row of C from its diagonal on
+        total += (strip[:, :j - i] * delta[:, i:j]).sum(dtype=torch.float64)
+        if j < d:
+            total += 2 * (strip[:, j - i:] * delta[:, j:]).sum(dtype=torch.float64)
+    return float(total)
 
 
 def mixed_objective(weight: torch.Tensor, pruned: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor, alpha: float) -> float:
