@@ -71,8 +71,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         digest = hashlib.sha256(b"".join(pruned[n].numpy().tobytes() for n in names)).hexdigest()
         if rank == 0:
             torch.save(pruned, os.path.join(out, "weights.pt"))
+        sites = model.moonshot_report.sites
         row = {"rank": rank, "sparsify_s": wall, "peak_rss_mb": _peak_kb() / 1024, "weights_sha256": digest,
-               "timings": model.moonshot_report.timings}
+               "timings": model.moonshot_report.timings,
+               # the solves this rank owned (owner-rank split by cost) and their seconds
+               "solved_sites": sum(x.solved_by == rank for x in sites),
+               "solve_s": sum(x.seconds for x in sites if x.solved_by == rank)}
         Path(out, f"rank{rank}.json").write_text(json.dumps(row))
     finally:
         if world > 1:
@@ -139,15 +143,18 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [f"**{doc['model']} {doc['pattern']} {doc['method']}, one process vs {doc['rows'][-1]['processes']} "
              f"(torch.distributed, gloo, OMP_NUM_THREADS=1 per rank)** — {s['calibration']}; {s['evaluation']}; "
              f"dense perplexity {doc['dense_perplexity']:.2f} (`{doc['command']}`, {doc['date']})", "",
-             "| processes | sparsify wall (s) | speed-up | per-rank peak RSS (MB) | ranks identical | perplexity |",
-             "|---:|---:|---:|---|:---:|---:|"]
+             "| processes | sparsify wall (s) | speed-up | per-rank peak RSS (MB) | per-rank solves (sites, s) "
+             "| ranks identical | perplexity |",
+             "|---:|---:|---:|---|---|:---:|---:|"]
     ref = doc["rows"][0]["sparsify_s"]
     for r in doc["rows"]:
         rss = " / ".join(f"{x['peak_rss_mb']:.0f}" for x in r["ranks"])
-        lines.append(f"| {r['processes']} | {r['sparsify_s']:.1f} | {ref / r['sparsify_s']:.2f}× | {rss} | "
+        solves = " / ".join(f"{x.get('solved_sites', '?')}, {x.get('solve_s', float('nan')):.1f}" for x in r["ranks"])
+        lines.append(f"| {r['processes']} | {r['sparsify_s']:.1f} | {ref / r['sparsify_s']:.2f}× | {rss} | {solves} | "
                      f"{'yes' if r['ranks_identical'] else 'no'} | {r['perplexity']:.3f} |")
     lines += ["", f"Mask agreement between the two: **{100 * doc['mask_agreement']:.4f}%** of "
                   f"{doc['mask_entries']:,} entries (largest weight difference {doc['max_abs_weight_diff']:.2e}). "
                   "Peak RSS is each rank's whole process (model load included); the wall is the slowest rank's "
-                  "`sparsify` after a barrier."]
+                  "`sparsify` after a barrier. Each input group is solved by one owner rank, chosen longest job "
+                  "first by `d_in³ + rows·d_in²`; the solves column gives each rank's sites and their seconds."]
     return "\n".join(lines)
