@@ -1,6 +1,7 @@
 """Scale benchmarks (issue 19): a model larger than memory, and calibration in several processes.
 
-    # (a) a seeded random Llama-2-13B-shaped bf16 checkpoint (≈ 26 GB, written once into the cache)
+    # (a) a seeded random Llama-2-13B-shaped bf16 checkpoint (≈ 26 GB, written once into the cache;
+    #     --shape llama2-7b-fp32: Llama-2-7B's shape in fp32, ≈ 27 GB, about half the solve per layer)
     python benchmarks/scale.py checkpoint --shape llama2-13b --cache /work/cache/scale
     #     ... streamed through sparsify_checkpoint, 2:4 SparseGPT, on 4 random windows of 512 tokens
     python benchmarks/scale.py stream --shape llama2-13b --cache /work/cache/scale --windows 4 --seq 512
@@ -145,7 +146,7 @@ def summarise(args: argparse.Namespace, spec: Any, report: Any | None, rows: lis
     sites = report.sites if report is not None else []
     doc: dict[str, Any] = {
         "shape": args.shape, "config": {k: v for k, v in vars(spec).items()}, "params": spec.params(),
-        "checkpoint_gb": spec.params() * 2 / 1e9, "dtype": "bfloat16", "pattern": args.pattern,
+        "checkpoint_gb": spec.params() * spec.element / 1e9, "dtype": spec.dtype, "pattern": args.pattern,
         "method": args.method, "calibration": f"{args.windows} windows x {args.seq} random token ids, seed {args.seed}",
         "blocks_run": n, "blocks_requested": layers, "blocks_total": spec.layers, "partial": partial,
         "complete": report is not None,
@@ -175,7 +176,7 @@ def stream_markdown(doc: dict[str, Any]) -> str:
     verdict = "within" if doc["peak_rss_mb"] <= doc["goal_rss_mb"] else "over"
     all_blocks = f"{doc['wall_all_blocks_s'] / 60:.1f} min" + (" (extrapolated)" if doc["partial"] else "")
     lines = [
-        f"**{doc['shape']} shape, synthetic** — seeded random bf16 weights (N(0, 0.02²), norms 1), "
+        f"**{doc['shape']} shape, synthetic** — seeded random {doc.get('dtype', 'bfloat16')} weights (N(0, 0.02²), norms 1), "
         f"hidden {c['hidden']}, {c['layers']} layers, {c['heads']} heads, FFN {c['intermediate']}, vocab {c['vocab']}: "
         f"{doc['params'] / 1e9:.2f} B parameters, a {doc['checkpoint_gb']:.1f} GB checkpoint on a machine with "
         f"{_ram_gb():.0f} GiB RAM. `sparsify_checkpoint` {doc['pattern']} {doc['method']} on {doc['calibration']}; "
