@@ -254,7 +254,6 @@ _MEMORY_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
     """8 vs 16 layers of one width (≈ 51 MB of fp32 weights per layer): the peak RSS growth over
     a warmed-up process stays within 10% (in memory it would double). Measured (VmHWM after
