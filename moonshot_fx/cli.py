@@ -139,10 +139,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg = SparsifyConfig(sparsity=args.sparsity, method=args.method, exclude=exclude,
                          include=tuple(args.include or ("*",)), **options)
 
-    if not getattr(args, "stream", False) and (args.offload_activations or args.layer_device):
+    stream = getattr(args, "stream", False)
+    if not stream and (args.offload_activations or args.layer_device):
         raise ConfigError("--offload-activations and --layer-device apply to --stream only; add --stream "
                           "(a Hugging Face directory pruned layer by layer) or drop them.")
-    if getattr(args, "stream", False):  # layer by layer from the safetensors shards (moonshot_fx.streaming)
+    if stream:  # layer by layer from the safetensors shards (moonshot_fx.streaming)
         from .cli_stream import prune_command
 
         return prune_command(args, cfg)

@@ -101,18 +101,15 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    dist = _dist()
-    dev = _device()
-    buf = t.to(dev).contiguous()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return buf.to(t.device)
-
-
-def _reduce(t: torch.Tensor, dst: int) -> torch.Tensor:
+def _summed(t: torch.Tensor, dst: int | None) -> torch.Tensor:
+    """``t`` summed over the ranks: on rank ``dst`` only (``reduce``), or on every rank (``None``:
+    ``all_reduce``)."""
     dist = _dist()
     buf = t.to(_device()).contiguous()
-    dist.reduce(buf, dst=dst, op=dist.ReduceOp.SUM)
+    if dst is None:
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    else:
+        dist.reduce(buf, dst=dst, op=dist.ReduceOp.SUM)
     return buf.to(t.device)
 
 
@@ -127,14 +124,13 @@ def reduce_stats(stats: Any, dst: int | None = None) -> Any:
         return stats
     if stats.mixed:
         raise ValueError("H_mix is formed from every row at once and cannot be reduced across ranks")
-    total = _all_reduce if dst is None else (lambda t: _reduce(t, dst))
-    counts = total(torch.tensor([stats.rows, stats.batches], dtype=torch.int64))
+    counts = _summed(torch.tensor([stats.rows, stats.batches], dtype=torch.int64), dst)
     stats.rows, stats.batches = int(counts[0]), int(counts[1])
     if stats.hessian is None:
         raise ValueError("distributed calibration needs every rank to see every group; give each rank batches")
-    stats.hessian = total(stats.hessian)
+    stats.hessian = _summed(stats.hessian, dst)
     for site in sorted(stats.fisher):
-        stats.fisher[site] = total(stats.fisher[site])
+        stats.fisher[site] = _summed(stats.fisher[site], dst)
     return stats
 
 
@@ -166,9 +162,10 @@ def solve_by_owner(jobs: Sequence[tuple[Any, float]], solve: Callable[[int], lis
 
     ``jobs``: ``(statistics, cost)`` per input group, the same list (order and costs) on every
     rank; ``solve(j)`` returns job ``j``'s :class:`~moonshot_fx.passes.prune.SiteResult` list
-    (its statistics are ``jobs[j][0]``). In one process: ``solve`` on each, in order. Distributed: each job's statistics are
-    reduced onto its owner (:func:`assign_owners`), each rank solves the jobs it owns, then each
-    owner broadcasts its results (fields, then weights as bytes), job by job in order."""
+    (its statistics are ``jobs[j][0]``). In one process: ``solve`` on each, in order.
+    Distributed: each job's statistics are reduced onto its owner (:func:`assign_owners`), each
+    rank solves the jobs it owns, then each owner broadcasts its results (fields, then weights as
+    bytes), job by job in order."""
     if not is_distributed():
         return [solve(j) for j in range(len(jobs))]
     rank, world = rank_and_world()
@@ -197,8 +194,8 @@ def _broadcast_group(results: list[Any] | None, src: int, rank: int) -> list[Any
     dist.broadcast_object_list(meta, src=src, device=dev if dev.type == "cuda" else None)
     out = []
     for i, (fields, shape, dtype, kind) in enumerate(meta[0]):
-        if rank == src:
-            buf = results[i].weight.detach().to(dev).contiguous().clone()
+        if rank == src:  # the sender's buffer is only read: no copy where the weight is on ``dev`` already
+            buf = results[i].weight.detach().to(dev).contiguous()
         else:
             buf = torch.empty(shape, dtype=dtype, device=dev)
         dist.broadcast(buf.view(-1).view(torch.uint8), src=src)  # bytes: every dtype, every backend
