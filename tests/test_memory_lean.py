@@ -52,3 +52,20 @@ def test_row_chunked_quadratic_error_matches_one_product(monkeypatch) -> None:
     assert abs(moonshot_pruner.quadratic_error(W, P, H) - whole) <= 1e-5 * whole
     assert abs(zero - float(torch.einsum("ij,jk,ik->", W.double(), H.double(), W.double()))) <= 1e-5 * zero
     assert 0 < whole < zero  # SparseGPT keeps half the weights: far below pruning everything
+
+
+def test_symmetric_quadratic_form_equals_the_full_product(monkeypatch) -> None:
+    # the upper-block-triangle form (half the flops) against the fp64 full product, with blocks
+    # that do not divide the width (16-wide blocks over 70 columns: 16, 16, 16, 16, 6)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 70, generator=g)
+    C = x.T @ x / 200
+    D = torch.randn(9, 70, generator=g)
+    ref = float(torch.einsum("ij,jk,ik->", D.double(), C.double(), D.double()))
+    monkeypatch.setattr(moonshot_pruner, "SYMMETRIC_BLOCK", 16)
+    got = moonshot_pruner.symmetric_quadratic_form(D, C)
+    assert abs(got - ref) <= 1e-5 * ref
+    # an asymmetric C gives another value: the form does rely on (and only on) the symmetry
+    A = C + torch.triu(torch.ones(70, 70), diagonal=1)
+    full = float(((D.double() @ A.double()) * D.double()).sum())
+    assert abs(moonshot_pruner.symmetric_quadratic_form(D, A) - full) > 1e-3 * abs(full)
