@@ -247,6 +247,20 @@ def sparsify(
     return model
 
 
+def block_alpha_search(cfg: SparsifyConfig, sequential: bool) -> bool:
+    """Whether ``alpha="auto"`` is chosen per block inside the sequential pass
+    (``cfg.alpha_search``, see :class:`SparsifyConfig`)."""
+    if cfg.alpha_search == "model":
+        return False
+    possible = sequential and not distributed.is_distributed()
+    if cfg.alpha_search == "block":
+        if not possible:
+            raise ConfigError("alpha_search='block' chooses alpha inside the sequential pass in one process: "
+                              "use sequential=True (or None) without torchrun, or alpha_search='model'.")
+        return True
+    return possible and not cfg.recalibrate_norms
+
+
 def precompute_gradients(model: nn.Module, calibration: Iterable[Any], config: SparsifyConfig, *,
                          loss_fn: LossFn | None = None, prune_head: bool = False) -> FisherStatistics | None:
     """MOONSHOT's gradient statistics of ``model``'s selected sites, as :func:`sparsify` with
@@ -296,7 +310,10 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
         if cfg.fisher == "kron":
             report.kron_sites = [s.name for s in sites if s.slice_index is None and s.name in sample_fishers]
         timings["gradients"] = time.perf_counter() - t
-        if cfg.alpha == "auto":
+        if cfg.alpha == "auto" and block_alpha_search(cfg, sequential):
+            report.config["alpha_search"] = "block"  # chosen per block inside the sequential pass
+        elif cfg.alpha == "auto":
+            report.config["alpha_search"] = "model"
             t = time.perf_counter()
             alpha, scores = choose_alpha(model, captured, sites, norm, cfg, row_weights, sample_fishers, loss_fn, progress)
             report.alpha_search = {f"{a:g}": v for a, v in scores.items()}
@@ -309,9 +326,13 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
         groups = group_sites(sites)
         bar = progress_bar(progress, "prune (sequential)", len(groups))(range(len(groups)))
         it = iter(bar)
+        per_block = cfg.method == "moonshot" and cfg.alpha == "auto" and block_alpha_search(cfg, sequential)
         results = sequential_prune(captured, model, sites, flat, cfg, row_weights=row_weights,
                                    sample_fishers=sample_fishers, alpha=alpha, on_group=lambda _r: next(it, None),
-                                   journal=journal)
+                                   journal=journal, alpha_grid=cfg.alpha_grid if per_block else None,
+                                   block_alphas=report.block_alphas)
+        if per_block:
+            report.config["sequential_unit"] = "block"  # the per-block search uses the block unit's statistics
         for _ in it:
             pass
     else:

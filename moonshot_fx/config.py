@@ -110,6 +110,7 @@ UNROUTED_EXPERTS = ("magnitude", "dense")
 
 #: ``SparsifyConfig.reconstruct``: after-pruning reconstruction of the kept weights
 RECONSTRUCT = (None, "region")
+ALPHA_SEARCHES = ("auto", "block", "model")
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,14 @@ class SparsifyConfig:
         mask_from: mask selector used by ``optima`` before its exact re-solve.
         alpha: weight of the reconstruction term in MOONSHOT's objective, in [0, 1], or ``"auto"``.
         alpha_grid: candidate values tried by ``alpha="auto"``.
+        alpha_search: how ``alpha="auto"`` chooses: ``"block"`` — per repeated block inside the
+            sequential pass, by the pruned block's distance to the dense block on held-out
+            calibration batches (:mod:`moonshot_fx.passes.block_alpha`; the block unit's
+            statistics); ``"model"`` — one α for the whole model by the model loss on held-out
+            batches, every candidate pruned on dense statistics (:mod:`moonshot_fx.alpha_search`);
+            ``"auto"`` (default) — ``"block"`` when the run is sequential, in one process and
+            without BatchNorm re-estimation (whose effect only the model-level score sees),
+            else ``"model"``.
         fisher: ``"token"`` (Xᵀdiag(‖δ_t‖²)X), ``"sample"`` (Σ_k G_kᵀG_k) Fisher for MOONSHOT,
             ``"weight"`` (the per-weight diagonal Σ_t δ_ti² x_tj², not shared across output rows;
             MOONSHOT-Wanda/magnitude only), ``"row"`` (the token Fisher per cluster of output
@@ -196,6 +205,7 @@ class SparsifyConfig:
     mask_from: str = "sparsegpt"
     alpha: Union[float, str] = 0.75
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    alpha_search: str = "auto"
     fisher: str = "auto"
     row_clusters: Union[int, str] = "heads"
     kron_max_width: int = 1024
@@ -247,6 +257,8 @@ class SparsifyConfig:
             raise ConfigError(f"alpha={self.alpha} is outside [0, 1].")
         if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
             raise ConfigError(f"alpha_grid {self.alpha_grid} must be non-empty values in [0, 1].")
+        if self.alpha_search not in ALPHA_SEARCHES:
+            raise ConfigError(f"unknown alpha_search {self.alpha_search!r}: choose 'auto', 'block' or 'model'.")
         if self.sequential_unit not in SEQUENTIAL_UNITS:
             raise ConfigError(f"unknown sequential_unit {self.sequential_unit!r}: choose 'auto', 'block' or 'group'.")
         if self.unrouted_experts not in UNROUTED_EXPERTS:

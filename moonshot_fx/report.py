@@ -56,6 +56,9 @@ class SparsityReport:
     timings: dict[str, float] = field(default_factory=dict)
     alpha: float | None = None
     alpha_search: dict[str, float] = field(default_factory=dict)
+    #: ``alpha="auto"`` chosen per block inside the sequential pass (``alpha_search="block"``):
+    #: block → ``{"alpha", "held_out_error": {α: boundary error}, "held_out"}``
+    block_alphas: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: fisher="row": sites whose Fisher was clustered over output rows → clusters (others: 1)
     row_clusters: dict[str, int] = field(default_factory=dict)
     #: fisher="kron": the sites pruned against the Kronecker-factored curvature (the others,
