@@ -141,7 +141,7 @@ class SparsifyConfig:
             ``"kron"`` (Kronecker-factored ``G ⊗ F``, ``G = Σ_t ‖x_t‖² δ_tδ_tᵀ``: rows coupled;
             the mask from the row-shared mix, then an exact re-solve of all rows together; see
             :mod:`moonshot_fx.pruners.kron_moonshot`), or ``"auto"``: sample-level for convolutional models, otherwise per-weight for
-            Wanda/magnitude bases and token-level for the others.
+            Wanda/magnitude bases and ``"kron"`` for the others (the best measured form: docs/method.md §8).
         row_clusters: output-row clusters of ``fisher="row"``: ``"heads"`` (one per attention
             head where the graph splits a projection's output into heads, else one) or an
             integer ``k`` (``k`` equal blocks of rows for every site). See

@@ -83,7 +83,7 @@ def test_per_weight_fisher_refused_by_hessian_bases():
     SparsifyConfig(method="moonshot", base="wanda", fisher="weight")
 
 
-@pytest.mark.parametrize("base, expected", [("wanda", "weight"), ("sparsegpt", "row")])
+@pytest.mark.parametrize("base, expected", [("wanda", "weight"), ("sparsegpt", "kron"), ("optima", "kron")])
 def test_auto_fisher_kind_follows_the_base(base, expected):
     import torch.nn as nn
 
