@@ -118,6 +118,8 @@ def run(args: argparse.Namespace) -> Path:
                    "peak_rss_mb": peak / 2**20, "timings": report.timings, "alpha": report.alpha,
                    "alpha_search": report.alpha_search, "sequential": report.sequential,
                    "sequential_unit": report.config.get("sequential_unit"),
+                   "fisher": report.config.get("fisher") if spec.method == "moonshot" else None,
+                   "block_alphas": {k: v["alpha"] for k, v in report.block_alphas.items()},
                    "sparsity": report.overall_sparsity, "sites": len(report.sites),
                    "site_errors": {s.name: (s.rel_error if math.isfinite(s.rel_error) else None)
                                    for s in report.sites}}
@@ -126,7 +128,8 @@ def run(args: argparse.Namespace) -> Path:
                 row["region"] = summary
             doc["rows"].append(row)
             print(f"{pattern:>5} {label:<24} {settings['metric']} {_show(q)}  prune {wall:7.1f}s  "
-                  f"peak RSS {peak / 2**20:7.0f} MB  alpha {report.alpha}", flush=True)
+                  f"peak RSS {peak / 2**20:7.0f} MB  alpha {report.alpha if not report.block_alphas else 'per block'}",
+                  flush=True)
             write_json(out_path, doc)
     model.load_state_dict(dense)
     write_json(out_path, doc)

@@ -69,6 +69,39 @@ def test_readme_results_block_matches_the_result_files() -> None:
     assert block == render.readme_block()
     # the headline holds what it promises: seed means with their range, llm-compressor side by side
     assert "llm-compressor sparsegpt" in block and "5 seeds" in block and "ResNet-56" in block
+    ablation = text.split(render.ABLATION_START, 1)[1].split(render.ABLATION_END, 1)[0].strip("\n")
+    assert ablation == render.ablation_block() and "| admm | 0,1,2,3,4 |" in ablation
+
+
+def test_ablation_ratios_use_the_same_seed_and_the_nearest_baseline_file() -> None:
+    """Each ratio divides by SparseGPT of the same calibration seed: from the same file when it has
+    a SparseGPT row, else from the same-settings file whose name shares the longest prefix."""
+    from pathlib import Path
+
+    _render_module()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        sys.modules.pop("ablation", None)
+        import ablation
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def doc(seed: int, rows: list[tuple[str, float, float]], fisher: str | None = None) -> dict:
+        return {"settings": {"calibration": f"32x512 tokens wikitext2_valid seed {seed}", "evaluation": "e",
+                             "evaluation_c4": "c"},
+                "rows": [{"pattern": "2:4", "method": m, "quality": q, "quality_c4": c, "fisher": fisher}
+                         for m, q, c in rows]}
+
+    files = [(Path("q_smollm2.json"), doc(0, [("sparsegpt", 100.0, 200.0), ("admm", 80.0, 180.0)])),
+             (Path("q_smollm2_seed1.json"), doc(1, [("sparsegpt", 50.0, 100.0), ("admm", 45.0, 80.0)])),
+             (Path("other_smollm2.json"), doc(0, [("sparsegpt", 10.0, 10.0)])),  # a farther name
+             (Path("qbest_smollm2.json"), doc(0, [("moonshot-optima", 70.0, 150.0)], fisher="kron")),
+             (Path("qbest_resnet20.json"), doc(0, [("sparsegpt", 1.0, 1.0)]))]
+    data = ablation.collect(files)
+    assert data["admm"] == [(0, 0.8, 0.9, "q_smollm2"), (1, 0.9, 0.8, "q_smollm2_seed1")]
+    assert data["moonshot-optima-kron"] == [(0, 0.7, 0.75, "q_smollm2")]  # the form recorded by the run
+    table = ablation.ablation_table(files)
+    assert table is not None and "| admm | 0,1 | 0.850 [0.800, 0.900] | 0.850 [0.800, 0.900] | 2 files |" in table
 
 
 def test_results_md_groups_by_question_and_shows_c4() -> None:
