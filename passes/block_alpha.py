@@ -14,7 +14,8 @@ Fisher terms kept apart:
    before the next block's first site, that site's input), or the last site's output for the
    model's final block;
 3. for each grid α the block's groups are pruned with that mix (statistics shared, only the
-   mixing differs) and the pruned block is run on the held-out inputs;
+   mixing differs) and the pruned block is run on the held-out inputs (with ``fisher="kron"`` the
+   candidates skip the joint re-solve, which only the chosen α then gets);
 4. the α whose boundary values are closest to the reference (mean relative squared error over
    the boundary tensors) is kept; its pruned weights feed the next block.
 
@@ -88,14 +89,19 @@ class BlockAlphaChooser:
 
     ``prune_candidate(groups, alpha)`` prunes ``groups`` of the current block with mix ``alpha``
     from the block's (kept) statistics, reading the dense weights of the block's sites; the
-    chooser puts the candidate in ``substitutes`` while it is scored and takes it out again."""
+    chooser puts the candidate in ``substitutes`` while it is scored and takes it out again.
+    ``final(groups, alpha)``, when given and not None, re-prunes the chosen α in full: the
+    candidates were previews (the Kronecker form scores each α on its mask and base weights, and
+    only the chosen one gets the joint re-solve, which costs more than the rest of the prune)."""
 
     def __init__(self, grid: Sequence[float], holdout: float, substitutes: dict[str, torch.Tensor],
-                 prune_candidate: Callable[[Sequence[str], float], list[SiteResult]]):
+                 prune_candidate: Callable[[Sequence[str], float], list[SiteResult]],
+                 final: Callable[[Sequence[str], float], list[SiteResult] | None] | None = None):
         self.grid = [float(a) for a in grid]
         self.holdout = holdout
         self.substitutes = substitutes
         self.prune_candidate = prune_candidate
+        self.final = final
         self.chosen: dict[str, BlockAlpha] = {}
 
     def _boundary(self, runner: GraphRunner, env: dict[fx.Node, list[Any]], pos: int, stop: fx.Node | None,
@@ -137,6 +143,10 @@ class BlockAlphaChooser:
             del candidate
         assert best is not None
         _, alpha, results = best
+        if self.final is not None:  # candidates were previews: prune the chosen α in full
+            full = self.final(groups, alpha)
+            if full is not None:
+                results = full
         key = block_key(sites[0].name) if sites else str(pos)
         self.chosen[key] = BlockAlpha(alpha=alpha, errors=errors, held_out=nb >= 2)
         note = f"alpha {alpha:g} chosen for block {key} (held-out boundary error " + ", ".join(

@@ -80,11 +80,14 @@ def prune_group(
     sample_fishers: dict[str, torch.Tensor] | None = None,
     alpha: float | None = None,
     release: bool = False,
+    preview: bool = False,
 ) -> list[SiteResult]:
     """Prune every site of one input group against the group's shared Hessian.
 
     ``release``: the caller is done with ``stats`` — its fp64 ``XᵀX`` is dropped as soon as the
-    fp32 mean is formed (for a 13824-wide input that is 1.5 GB less during the solves)."""
+    fp32 mean is formed (for a 13824-wide input that is 1.5 GB less during the solves).
+    ``preview``: MOONSHOT's Kronecker form skips its joint re-solve (the mask and the base
+    pruner's weights only; the per-block α search scores candidates so)."""
     weights = weights or {}
     if config.method != "magnitude" and stats.rows == 0 and sites and all(s.slice_index is not None for s in sites):
         return [_unrouted(site, model, config, weights) for site in sites]
@@ -118,6 +121,8 @@ def prune_group(
                     fisher = sample_fishers[site.name].to(torch.float32)
                 options["weight_fisher" if config.fisher == "weight" else "fisher"] = fisher
             options.update(alpha=config.alpha if alpha is None else alpha, base=config.base)
+            if preview:
+                options["kron_resolve"] = False
             if config.base == "optima":
                 options["mask_from"] = config.mask_from
         elif config.method == "optima":

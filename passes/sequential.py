@@ -120,14 +120,16 @@ def sequential_prune(
         if distributed.is_distributed():
             raise ConfigError("the per-block alpha search runs in one process only (use alpha_search='model').")
 
-        def candidate(groups: Sequence[str], a: float) -> list[SiteResult]:
+        def candidate(groups: Sequence[str], a: float, preview: bool = True) -> list[SiteResult]:
             out: list[SiteResult] = []
             for g in groups:
                 out.extend(prune_group(collector.groups[g], collector.stats[g], model, config, weights=substitutes,
-                                       sample_fishers=sample_fishers, alpha=a, release=False))
+                                       sample_fishers=sample_fishers, alpha=a, release=False, preview=preview))
             return out
 
-        chooser = BlockAlphaChooser(alpha_grid, config.region_holdout, substitutes, candidate)
+        chooser = BlockAlphaChooser(alpha_grid, config.region_holdout, substitutes, candidate,
+                                    final=lambda groups, a: candidate(groups, a, preview=False)
+                                    if config.fisher == "kron" else None)
     if config.sequential_unit == "block" or region is not None or chooser is not None:
         group_hook = _group_hook(collector, prune) if config.sequential_unit == "group" and chooser is None else None
 

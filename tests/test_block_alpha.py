@@ -86,3 +86,17 @@ def test_block_search_needs_the_sequential_pass() -> None:
                              alpha_search="block", sequential=False, progress=False)
     with pytest.raises(ConfigError, match="alpha_search"):
         moonshot_fx.SparsifyConfig(alpha_search="layer")
+
+
+def test_kron_candidates_are_previews_and_the_chosen_alpha_is_pruned_in_full() -> None:
+    """fisher="kron": candidates skip the joint re-solve, the chosen α gets it — so a one-point grid
+    equals the fixed-α block-unit Kronecker run bit for bit (neither premixes H_mix)."""
+    calib = _calib()
+    fixed, searched = tiny_llama(), tiny_llama()
+    moonshot_fx.sparsify(fixed, calibration=calib, sparsity="2:4", method="moonshot", alpha=0.5, fisher="kron",
+                         sequential=True, sequential_unit="block", progress=False)
+    moonshot_fx.sparsify(searched, calibration=calib, sparsity="2:4", method="moonshot", alpha="auto",
+                         alpha_grid=(0.5,), fisher="kron", sequential=True, progress=False)
+    assert searched.moonshot_report.kron_sites
+    for name, w in _weights(fixed).items():
+        assert torch.equal(w, _weights(searched)[name]), name

@@ -174,11 +174,13 @@ def moonshot_prune(
     from . import get_pruner
 
     if weight_fisher is not None and float(alpha) < 1.0:
+        options.pop("kron_resolve", None)
         return _prune_with_weight_fisher(weight, hessian, weight_fisher, pattern, float(alpha), base)
     if kron_g is not None and fisher is not None and float(alpha) < 1.0:
         from .kron_moonshot import kron_prune
 
         return kron_prune(weight, hessian, fisher, kron_g, pattern, float(alpha), base, **options)
+    options.pop("kron_resolve", None)  # only the Kronecker form has a re-solve to skip
     curvature = mix_hessians(hessian, fisher, float(alpha))
     if curvature.dim() == 3:
         return prune_row_clusters(weight, curvature, pattern, base, **options)
