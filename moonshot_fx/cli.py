@@ -129,6 +129,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options["sequential_unit"] = args.sequential_unit
     if args.fisher is not None:
         options["fisher"] = args.fisher
+    if getattr(args, "alpha_search", None) is not None:
+        options["alpha_search"] = args.alpha_search
     if args.recalibrate_norms is not None:  # None: the API's default (on for BatchNorm models)
         options["recalibrate_norms"] = args.recalibrate_norms
     if args.plot:  # MissingExtraError now, not after a long prune
@@ -180,6 +182,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
               + (" (default for BatchNorm models; --no-recalibrate-norms to keep them)"
                  if report.norms_recalibrated_by_default else ""))
     alpha = f", alpha={report.alpha:g}" if report.alpha is not None else ""
+    if report.block_alphas:  # alpha="auto" chosen per block
+        counts: dict[float, int] = {}
+        for v in report.block_alphas.values():
+            counts[v["alpha"]] = counts.get(v["alpha"], 0) + 1
+        alpha = ", alpha per block (" + ", ".join(f"{a:g}: {n} blocks" for a, n in sorted(counts.items())) + ")"
     print(f"pruned: {len(report.sites)} layers to {pattern} with {args.method}{alpha}; "
           f"{100 * report.overall_sparsity:.1f}% of {report.total_params:,} weights are zero; {seconds:.1f}s")
     if args.eval:
@@ -305,8 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential-unit", choices=["auto", "block", "group"], default=None,
                    help="sequential granularity: a whole repeated block at once or each input group "
                         "(default auto: group for sparsegpt/optima, block for wanda/magnitude)")
-    p.add_argument("--fisher", choices=["auto", "token", "sample", "weight"], default=None,
-                   help="MOONSHOT Fisher kind (default auto: sample-level for CNNs, token-level otherwise)")
+    p.add_argument("--fisher", choices=["auto", "token", "row", "kron", "sample", "weight"], default=None,
+                   help="MOONSHOT Fisher form (default auto: sample-level for CNNs, per-weight for wanda/magnitude "
+                        "bases, Kronecker-factored otherwise)")
+    p.add_argument("--alpha-search", choices=["auto", "block", "model"], default=None,
+                   help="how --alpha auto chooses: per block inside the sequential pass, or one alpha by the "
+                        "model loss (default auto: block when sequential without BatchNorm re-estimation)")
     p.add_argument("--include", action="append", metavar="GLOB", help="only prune weights matching GLOB (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB",
                    help="also keep weights matching GLOB dense (added to the defaults; repeatable)")

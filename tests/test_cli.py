@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import warnings
 from pathlib import Path
@@ -88,6 +89,26 @@ def test_prune_eval_stories260k(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "50.0% of 226,560 layer weights are zero" in out
     out, _ = _run(capsys, "eval", "--model", "stories260k", "--eval-windows", "2")
     assert _metric(out, "perplexity") == pytest.approx(dense, abs=2e-3)
+
+
+def test_prune_stories260k_moonshot_alpha_per_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--alpha auto on a sequential LM chooses alpha block by block; the choices reach the output
+    and the report, and --alpha-search model keeps the whole-model search."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("sentencepiece")
+    _data_or_skip("load_stories260k", "calibration_windows", files=("lm/stories260K/stories260K.bin",))
+    report = tmp_path / "report.json"
+    out, _ = _run(capsys, "prune", "--model", "stories260k", "--sparsity", "2:4", "--method", "moonshot",
+                  "--alpha", "auto", "--fisher", "kron", "--calib-windows", "4", "--seqlen", "64",
+                  "--report", str(report), "--no-progress")
+    rep = json.loads(report.read_text())
+    assert len(rep["block_alphas"]) == 5 and rep["config"]["alpha_search"] == "block", rep["block_alphas"]
+    assert rep["kron_sites"] and "alpha per block (" in out and " blocks)" in out
+    out, _ = _run(capsys, "prune", "--model", "stories260k", "--sparsity", "2:4", "--method", "moonshot",
+                  "--alpha", "auto", "--alpha-search", "model", "--calib-windows", "4", "--seqlen", "64",
+                  "--report", str(report), "--no-progress")
+    rep = json.loads(report.read_text())
+    assert not rep["block_alphas"] and rep["config"]["alpha_search"] == "model" and rep["alpha_search"]
 
 
 # ----------------------------------------------------------------------------- CIFAR ResNet-20
