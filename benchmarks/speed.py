@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="which calibration windows (smollm2), as quality.py --seed")
+    p.add_argument("--prefix", default="speed", help="result file name: <prefix>_<model>.json")
     p.add_argument("--calib-images", type=int, default=1000)
     p.add_argument("--test-images", type=int, default=100)
     args = p.parse_args(argv)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {r['method']}{unit} | {r['wall']:.1f} | {r['wall'] / ref['wall']:.2f}× | {r['prune_step']:.1f} | {step_ratio} | "
                      f"{r['gradients']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}× |")
     md = "\n".join(lines)
-    write_json(RESULTS / f"speed_{args.model}.json", {"model": args.model, "pattern": args.pattern, "settings": settings,
+    write_json(RESULTS / f"{args.prefix}_{args.model}.json", {"model": args.model, "pattern": args.pattern, "settings": settings,
                                                      "machine": machine(), "rows": rows, "markdown": md})
     print(md)
     from render import render_all
