@@ -4,8 +4,9 @@ as a ratio to SparseGPT on the same calibration seed, averaged over the seeds it
 Used by ``render.py`` (README and RESULTS.md). A configuration's ratio on one seed divides its
 perplexity by SparseGPT's *in the same result file* where that file has a SparseGPT row; a file
 without one (a follow-up run of a few configurations) takes SparseGPT from the file of the same
-seed and settings whose name shares the longest prefix with its own (``quality17k_smollm2_seed2``
-→ ``quality17_smollm2_seed2``, ``q18best_smollm2`` → ``q18_smollm2``): the table names it.
+seed and settings whose name shares the longest prefix with its own, the run closest in time on a
+tie (``quality17k_smollm2_seed2`` → ``quality17_smollm2_seed2``, ``q18best_smollm2`` →
+``q18_smollm2``): the table names it.
 Rounding moves a 2:4 perplexity by about ±3% between otherwise identical runs, which is why
 only the mean over seeds is read against a target.
 """
@@ -32,6 +33,17 @@ def _key(doc: dict[str, Any]) -> tuple[Any, ...]:
     return (str(s.get("calibration", "")).rsplit("seed", 1)[0], s.get("evaluation"), s.get("evaluation_c4"))
 
 
+def _hours_apart(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Hours between two runs' ``date`` fields (the run closest in time ran the closest code)."""
+    from datetime import datetime
+
+    try:
+        ta, tb = (datetime.strptime(str(d.get("date", ""))[:16], "%Y-%m-%d %H:%M") for d in (a, b))
+    except ValueError:
+        return float("inf")
+    return abs((ta - tb).total_seconds()) / 3600
+
+
 def _rows(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["method"]: r for r in doc.get("rows", [])
             if r.get("pattern") == PATTERN and "quality_c4" in r and "error" not in r}
@@ -55,7 +67,8 @@ def collect(files: list[tuple[Path, dict[str, Any]]]) -> dict[str, list[tuple[in
             same = [s for s, d in with_base.items() if _seed(d) == seed and _key(d) == _key(doc)]
             if not same:
                 continue
-            base_stem = max(same, key=lambda s: (len(os.path.commonprefix([s, stem])), s))
+            base_stem = max(same, key=lambda s: (len(os.path.commonprefix([s, stem])),
+                                                 -_hours_apart(with_base[s], doc), s))
         base = _rows(with_base[base_stem])["sparsegpt"]
         own = base_stem == stem
         for method, r in rows.items():
