@@ -210,15 +210,19 @@ def test_non_finite_calibration(mlp: MLP, method: str, sequential: bool, poison:
     assert isinstance(err, ValueError)
 
 
-@pytest.mark.parametrize("method, options", [("sparsegpt", {}), ("wanda", {}), ("moonshot", {"alpha": "auto"})])
-def test_calibration_statistics_overflow(mlp: MLP, method: str, options: dict[str, Any]) -> None:
+@pytest.mark.parametrize("method, options, match", [
+    ("sparsegpt", {}, "overflow"), ("wanda", {}, "overflow"),
+    ("moonshot", {"alpha": "auto", "fisher": "token"}, "overflow"),
+    # the Kronecker form's output factor (Σ‖x‖²δδᵀ) overflows first, in the gradient pass
+    ("moonshot", {"alpha": "auto"}, "non-finite gradients")])
+def test_calibration_statistics_overflow(mlp: MLP, method: str, options: dict[str, Any], match: str) -> None:
     """Finite but huge activations: XᵀX overflows float32, which must not pass silently.
     (MOONSHOT's α search accumulates XᵀX; with a fixed α the sequential pass forms H_mix in one
     scale-free product instead, which does not overflow: tested in test_moonshot.py.)"""
     huge = [b * 1e22 for b in batches()]
     assert_unchanged(mlp, lambda: moonshot_fx.sparsify(mlp, huge[0], calibration=huge, method=method,
                                                        sequential=True, progress=False, **options),
-                     CalibrationError, "overflow")
+                     CalibrationError, match)
 
 
 def test_missing_or_malformed_calibration(mlp: MLP) -> None:
