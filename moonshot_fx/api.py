@@ -295,6 +295,7 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
         timings["prune"] = time.perf_counter() - t
         return out
     flat = [captured.flat_inputs(a, k) for a, k in norm]
+    per_block = needs_gradients(cfg) and cfg.alpha == "auto" and block_alpha_search(cfg, sequential)
     row_weights = sample_fishers = None
     alpha: float | None = None
     if needs_gradients(cfg):
@@ -310,7 +311,7 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
         if cfg.fisher == "kron":
             report.kron_sites = [s.name for s in sites if s.slice_index is None and s.name in sample_fishers]
         timings["gradients"] = time.perf_counter() - t
-        if cfg.alpha == "auto" and block_alpha_search(cfg, sequential):
+        if per_block:
             report.config["alpha_search"] = "block"  # chosen per block inside the sequential pass
         elif cfg.alpha == "auto":
             report.config["alpha_search"] = "model"
@@ -326,7 +327,6 @@ def _run(model: nn.Module, captured: CapturedGraph, sites: list[Site], norm: lis
         groups = group_sites(sites)
         bar = progress_bar(progress, "prune (sequential)", len(groups))(range(len(groups)))
         it = iter(bar)
-        per_block = cfg.method == "moonshot" and cfg.alpha == "auto" and block_alpha_search(cfg, sequential)
         results = sequential_prune(captured, model, sites, flat, cfg, row_weights=row_weights,
                                    sample_fishers=sample_fishers, alpha=alpha, on_group=lambda _r: next(it, None),
                                    journal=journal, alpha_grid=cfg.alpha_grid if per_block else None,

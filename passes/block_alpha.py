@@ -37,6 +37,7 @@ import torch.fx as fx
 from .discover import Site
 from .partition import block_key
 from .prune import SiteResult
+from .region import holdout_count
 from .runner import GraphRunner
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,7 @@ def held_out_batches(nb: int, holdout: float) -> list[int]:
     one to fit); with a single batch, that batch (nothing can be held out)."""
     if nb < 2:
         return list(range(nb))
-    n = min(nb - 1, max(1, round(holdout * nb)))
-    return list(range(nb - n, nb))
+    return list(range(nb - holdout_count(nb, holdout), nb))
 
 
 def boundary_error(pruned: dict[fx.Node, list[Any]], dense: dict[fx.Node, list[Any]]) -> float:
@@ -90,13 +90,13 @@ class BlockAlphaChooser:
     ``prune_candidate(groups, alpha)`` prunes ``groups`` of the current block with mix ``alpha``
     from the block's (kept) statistics, reading the dense weights of the block's sites; the
     chooser puts the candidate in ``substitutes`` while it is scored and takes it out again.
-    ``final(groups, alpha)``, when given and not None, re-prunes the chosen α in full: the
+    ``final(groups, alpha)``, when given, re-prunes the chosen α in full: the
     candidates were previews (the Kronecker form scores each α on its mask and base weights, and
     only the chosen one gets the joint re-solve, which costs more than the rest of the prune)."""
 
     def __init__(self, grid: Sequence[float], holdout: float, substitutes: dict[str, torch.Tensor],
                  prune_candidate: Callable[[Sequence[str], float], list[SiteResult]],
-                 final: Callable[[Sequence[str], float], list[SiteResult] | None] | None = None):
+                 final: Callable[[Sequence[str], float], list[SiteResult]] | None = None):
         self.grid = [float(a) for a in grid]
         self.holdout = holdout
         self.substitutes = substitutes
@@ -144,9 +144,7 @@ class BlockAlphaChooser:
         assert best is not None
         _, alpha, results = best
         if self.final is not None:  # candidates were previews: prune the chosen α in full
-            full = self.final(groups, alpha)
-            if full is not None:
-                results = full
+            results = self.final(groups, alpha)
         key = block_key(sites[0].name) if sites else str(pos)
         self.chosen[key] = BlockAlpha(alpha=alpha, errors=errors, held_out=nb >= 2)
         note = f"alpha {alpha:g} chosen for block {key} (held-out boundary error " + ", ".join(

@@ -122,17 +122,23 @@ def _dense(weights: dict[str, torch.Tensor], names: Sequence[str]) -> Iterator[N
         weights.update(saved)
 
 
+def holdout_count(n: int, holdout: float) -> int:
+    """How many of ``n ≥ 2`` batches (or rows) to hold out: ``round(holdout · n)``, at least one,
+    leaving at least one to fit."""
+    return min(n - 1, max(1, round(holdout * n)))
+
+
 def split_rows(rows: list[torch.Tensor], holdout: float) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
     """``(fit, held-out)`` row batches: the last ``holdout`` fraction of the batches (at least one,
     leaving at least one to fit), or with one batch its last rows; None when there are fewer
     than two rows."""
     if len(rows) >= 2:
-        n_hold = min(len(rows) - 1, max(1, round(holdout * len(rows))))
+        n_hold = holdout_count(len(rows), holdout)
         return rows[:-n_hold], rows[-n_hold:]
     n = rows[0].shape[0]
     if n < 2:
         return None
-    n_hold = min(n - 1, max(1, round(holdout * n)))
+    n_hold = holdout_count(n, holdout)
     return [rows[0][:-n_hold]], [rows[0][-n_hold:]]
 
 

@@ -24,8 +24,9 @@ make), then the kept weights of *all rows together* are re-solved exactly under 
 rows where the loss does not see the difference. The re-solve is kept only when it lowers the
 mixed objective under ``M`` (it always should; the guard protects against an inexact solve).
 Score-based bases (Wanda, magnitude) take the OBS saliency ``w_q² / [M⁻¹]_qq`` as their score and
-no update. ``kron_resolve=False`` skips the joint re-solve (the per-block α search previews its
-candidates so, :mod:`moonshot_fx.passes.block_alpha`). Cost per site: the eigendecompositions (``2·d_in³ + d_out³``), ``G`` in the backward
+no update. ``resolve=False`` (``kron_resolve=False`` through ``moonshot_prune``) skips the joint
+re-solve: the per-block α search previews its candidates so (:mod:`moonshot_fx.passes.block_alpha`).
+Cost per site: the eigendecompositions (``2·d_in³ + d_out³``), ``G`` in the backward
 (``rows · d_out²``) and ``4·d_out·d_in·(d_out + d_in)`` flops per CG iteration.
 """
 from __future__ import annotations
@@ -43,12 +44,12 @@ def _normalised(x: torch.Tensor) -> torch.Tensor:
 
 
 def kron_prune(weight: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor, g: torch.Tensor,
-               pattern: Pattern, alpha: float, base: str, **options: object) -> tuple[torch.Tensor, torch.Tensor]:
+               pattern: Pattern, alpha: float, base: str, *, resolve: bool = True,
+               **options: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``weight`` (out × in) against the Kronecker-factored mixed curvature (module docstring)."""
     from ..masks import select_mask
     from . import get_pruner
 
-    resolve = bool(options.pop("kron_resolve", True))  # False: the mask and base weights only (a preview)
     dampening = float(options.get("dampening", 0.01))  # type: ignore[arg-type]
     # M⁻¹ for M = α·I⊗Ĥ + (1 − α)·Ĝ⊗F̂ (hats: divided by their mean diagonal; Ĥ dampened inside)
     h, gg, f = _normalised(hessian), _normalised(g), _normalised(fisher)
@@ -57,7 +58,7 @@ def kron_prune(weight: torch.Tensor, hessian: torch.Tensor, fisher: torch.Tensor
         mask = select_mask(inverse.saliency(weight).to(torch.float32), pattern, scope="row")
         return weight * mask, mask
     shared, mask = get_pruner(base)(weight, mix_hessians(hessian, fisher, alpha), pattern, **options)
-    if not resolve:
+    if not resolve:  # a preview: the mask and the base pruner's weights only
         return shared.to(weight.dtype), mask
     resolved, _ = kron_resolve(weight, mask, inverse)
     before = kron_objective(weight - shared, h, gg, f, alpha, 1.0 - alpha)

@@ -173,14 +173,14 @@ def moonshot_prune(
     weight's per-weight Fisher has the Hessian's shape."""
     from . import get_pruner
 
+    kron_resolve = bool(options.pop("kron_resolve", True))  # only the Kronecker form has a re-solve to skip
     if weight_fisher is not None and float(alpha) < 1.0:
-        options.pop("kron_resolve", None)
         return _prune_with_weight_fisher(weight, hessian, weight_fisher, pattern, float(alpha), base)
     if kron_g is not None and fisher is not None and float(alpha) < 1.0:
         from .kron_moonshot import kron_prune
 
-        return kron_prune(weight, hessian, fisher, kron_g, pattern, float(alpha), base, **options)
-    options.pop("kron_resolve", None)  # only the Kronecker form has a re-solve to skip
+        return kron_prune(weight, hessian, fisher, kron_g, pattern, float(alpha), base, resolve=kron_resolve,
+                          **options)
     curvature = mix_hessians(hessian, fisher, float(alpha))
     if curvature.dim() == 3:
         return prune_row_clusters(weight, curvature, pattern, base, **options)
