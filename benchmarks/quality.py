@@ -55,7 +55,7 @@ def lm_setup(name: str, args: argparse.Namespace) -> tuple[Any, list[Any], Calla
         settings = {"calibration": "64x256 tokens sampled from the dense model, seed 0",
                     "evaluation": f"{ev.shape[0]}x128 tokens tinystories_sample", "metric": "perplexity"}
     batches = [{"input_ids": cal[i:i + args.batch]} for i in range(0, cal.shape[0], args.batch)]
-    if name == "smollm2" and args.c4_windows:
+    if name == "smollm2" and getattr(args, "c4_windows", 0):  # speed.py does not evaluate, so has no such flag
         c4 = data.eval_windows(data.tokenize(tok, data.load_text("c4_valid")), args.seqlen, args.c4_windows)
         settings["evaluation_c4"] = f"first {c4.shape[0]}x{args.seqlen} tokens c4_valid_sample (never calibrated on)"
         return model, batches, lambda m: {"quality": data.perplexity(m, ev, batch_size=4),
