@@ -131,6 +131,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options["fisher"] = args.fisher
     if getattr(args, "alpha_search", None) is not None:
         options["alpha_search"] = args.alpha_search
+    if getattr(args, "alpha_block_search", None) is not None:
+        options["alpha_block_search"] = args.alpha_block_search
     if args.recalibrate_norms is not None:  # None: the API's default (on for BatchNorm models)
         options["recalibrate_norms"] = args.recalibrate_norms
     if args.plot:  # MissingExtraError now, not after a long prune
@@ -318,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha-search", choices=["auto", "block", "model"], default=None,
                    help="how --alpha auto chooses: per block inside the sequential pass, or one alpha by the "
                         "model loss (default auto: block when sequential without BatchNorm re-estimation)")
+    p.add_argument("--alpha-block-search", choices=["local", "grid"], default=None,
+                   help="per-block search: descend from the previous block's alpha (local, default) or try "
+                        "every grid point (grid)")
     p.add_argument("--include", action="append", metavar="GLOB", help="only prune weights matching GLOB (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB",
                    help="also keep weights matching GLOB dense (added to the defaults; repeatable)")

@@ -133,6 +133,9 @@ class SparsifyConfig:
             ``"auto"`` (default) — ``"block"`` when the run is sequential, in one process and
             without BatchNorm re-estimation (whose effect only the model-level score sees),
             else ``"model"``.
+        alpha_block_search: how the per-block search walks ``alpha_grid``: ``"local"`` (default)
+            descends from the previous block's α to the nearest local minimum of the held-out
+            error (usually 3 candidates a block), ``"grid"`` scores every grid point.
         fisher: ``"token"`` (Xᵀdiag(‖δ_t‖²)X), ``"sample"`` (Σ_k G_kᵀG_k) Fisher for MOONSHOT,
             ``"weight"`` (the per-weight diagonal Σ_t δ_ti² x_tj², not shared across output rows;
             MOONSHOT-Wanda/magnitude only), ``"row"`` (the token Fisher per cluster of output
@@ -206,6 +209,7 @@ class SparsifyConfig:
     alpha: Union[float, str] = 0.75
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     alpha_search: str = "auto"
+    alpha_block_search: str = "local"
     fisher: str = "auto"
     row_clusters: Union[int, str] = "heads"
     kron_max_width: int = 1024
@@ -257,6 +261,8 @@ class SparsifyConfig:
             raise ConfigError(f"alpha={self.alpha} is outside [0, 1].")
         if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
             raise ConfigError(f"alpha_grid {self.alpha_grid} must be non-empty values in [0, 1].")
+        if self.alpha_block_search not in ("local", "grid"):
+            raise ConfigError(f"unknown alpha_block_search {self.alpha_block_search!r}: choose 'local' or 'grid'.")
         if self.alpha_search not in ALPHA_SEARCHES:
             raise ConfigError(f"unknown alpha_search {self.alpha_search!r}: choose 'auto', 'block' or 'model'.")
         if self.sequential_unit not in SEQUENTIAL_UNITS:

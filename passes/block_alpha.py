@@ -17,12 +17,15 @@ Fisher terms kept apart:
    mixing differs) and the pruned block is run on the held-out inputs (with ``fisher="kron"`` the
    candidates skip the joint re-solve, which only the chosen α then gets);
 4. the α whose boundary values are closest to the reference (mean relative squared error over
-   the boundary tensors) is kept; its pruned weights feed the next block.
+   the boundary tensors) is kept; its pruned weights feed the next block. By default
+   (``alpha_block_search="local"``) not every grid point is tried: the search descends from the
+   previous block's α to the nearest local minimum on the grid (see :class:`BlockAlphaChooser`).
 
 The statistics are the block unit's (the block's weights dense while they are gathered; see
 :mod:`.sequential`), so this path runs the block loop whatever ``sequential_unit`` says. Cost on
-top of a fixed-α block-unit run: ``len(grid) − 1`` more prunes of each block and ``len(grid) + 1``
-runs of the block on the held-out batches; no statistics outlive their block, and at most two
+top of a fixed-α block-unit run, with ``k`` grid points scored (``len(grid)`` for the exhaustive
+search, usually 3 for the local one): ``k − 1`` more prunes of each block and ``k + 1`` runs of
+the block on the held-out batches; no statistics outlive their block, and at most two
 candidate weight sets (the best so far and the current one) exist at a time.
 """
 from __future__ import annotations
@@ -84,6 +87,22 @@ def boundary_error(pruned: dict[fx.Node, list[Any]], dense: dict[fx.Node, list[A
     return sum(terms) / len(terms) if terms else 0.0
 
 
+def descend(order: Sequence[float], start: int, score: Callable[[float], float]) -> float:
+    """From ``order[start]``, move to the better of the two neighbours on ``order`` while one
+    scores lower; returns the local minimum reached. ``score`` is called once per point it needs
+    (the caller caches): the point and its neighbours, plus the neighbours of every point moved to."""
+    i = start
+    while True:
+        here = score(order[i])
+        steps = [j for j in (i - 1, i + 1) if 0 <= j < len(order)]
+        if not steps:
+            return order[i]
+        j = min(steps, key=lambda k: score(order[k]))
+        if score(order[j]) >= here:
+            return order[i]
+        i = j
+
+
 class BlockAlphaChooser:
     """Chooses and applies the per-block α of one sequential run (module docstring).
 
@@ -92,12 +111,22 @@ class BlockAlphaChooser:
     chooser puts the candidate in ``substitutes`` while it is scored and takes it out again.
     ``final(groups, alpha)``, when given, re-prunes the chosen α in full: the
     candidates were previews (the Kronecker form scores each α on its mask and base weights, and
-    only the chosen one gets the joint re-solve, which costs more than the rest of the prune)."""
+    only the chosen one gets the joint re-solve, which costs more than the rest of the prune).
+
+    ``search="grid"`` scores every grid point. ``search="local"`` descends on the sorted grid: it
+    starts from the previous block's choice (the first block from the grid point nearest
+    ``first``), scores that point and its two neighbours, and moves to a better neighbour until
+    none is better — the grid minimum whenever the error is unimodal in α, for 2–3 prunes per
+    block instead of ``len(grid)`` when neighbouring blocks want the same α."""
 
     def __init__(self, grid: Sequence[float], holdout: float, substitutes: dict[str, torch.Tensor],
                  prune_candidate: Callable[[Sequence[str], float], list[SiteResult]],
-                 final: Callable[[Sequence[str], float], list[SiteResult]] | None = None):
+                 final: Callable[[Sequence[str], float], list[SiteResult]] | None = None,
+                 search: str = "local", first: float = 0.75):
         self.grid = [float(a) for a in grid]
+        self.search = search
+        self.first = float(first)
+        self._start: float | None = None
         self.holdout = holdout
         self.substitutes = substitutes
         self.prune_candidate = prune_candidate
@@ -131,22 +160,35 @@ class BlockAlphaChooser:
         reference = self._boundary(runner, henv, pos, next_start, seg[-1])
         best: tuple[float, float, list[SiteResult]] | None = None
         errors: dict[float, float] = {}
-        for alpha in self.grid:
-            candidate = self.prune_candidate(groups, alpha)
-            self.substitutes.update((r.name, r.weight) for r in candidate)
-            err = boundary_error(self._boundary(runner, henv, pos, next_start, seg[-1]), reference)
-            for name in names:
-                self.substitutes.pop(name, None)
-            errors[alpha] = err
-            if best is None or err < best[0]:
-                best = (err, alpha, candidate)
-            del candidate
+
+        def score(alpha: float) -> float:
+            nonlocal best
+            if alpha not in errors:
+                candidate = self.prune_candidate(groups, alpha)
+                self.substitutes.update((r.name, r.weight) for r in candidate)
+                err = boundary_error(self._boundary(runner, henv, pos, next_start, seg[-1]), reference)
+                for name in names:
+                    self.substitutes.pop(name, None)
+                errors[alpha] = err
+                if best is None or err < best[0]:
+                    best = (err, alpha, candidate)
+                del candidate
+            return errors[alpha]
+
+        if self.search == "grid":
+            for alpha in self.grid:
+                score(alpha)
+        else:  # descend on the sorted grid from the previous block's choice
+            order = sorted(set(self.grid))
+            start = self._start if self._start in order else min(order, key=lambda a: (abs(a - self.first), a))
+            descend(order, order.index(start), score)
         assert best is not None
         _, alpha, results = best
         if self.final is not None:  # candidates were previews: prune the chosen α in full
             results = self.final(groups, alpha)
         key = block_key(sites[0].name) if sites else str(pos)
         self.chosen[key] = BlockAlpha(alpha=alpha, errors=errors, held_out=nb >= 2)
+        self._start = alpha
         note = f"alpha {alpha:g} chosen for block {key} (held-out boundary error " + ", ".join(
             f"{a:g}: {e:.4g}" for a, e in errors.items()) + ")"
         for r in results:
@@ -156,4 +198,4 @@ class BlockAlphaChooser:
         return results
 
 
-__all__ = ["BlockAlpha", "BlockAlphaChooser", "boundary_error", "held_out_batches"]
+__all__ = ["BlockAlpha", "BlockAlphaChooser", "boundary_error", "descend", "held_out_batches"]

@@ -129,7 +129,8 @@ def sequential_prune(
 
         chooser = BlockAlphaChooser(alpha_grid, config.region_holdout, substitutes, candidate,
                                     final=(lambda groups, a: candidate(groups, a, preview=False))
-                                    if config.fisher == "kron" else None)
+                                    if config.fisher == "kron" else None,
+                                    search=config.alpha_block_search)
     if config.sequential_unit == "block" or region is not None or chooser is not None:
         group_hook = _group_hook(collector, prune) if config.sequential_unit == "group" and chooser is None else None
 

@@ -9,7 +9,7 @@ import torch
 import moonshot_fx
 from moonshot_fx.errors import ConfigError
 from moonshot_fx.masks import check_pattern
-from moonshot_fx.passes.block_alpha import boundary_error, held_out_batches
+from moonshot_fx.passes.block_alpha import boundary_error, descend, held_out_batches
 
 from test_row_fisher import tiny_llama
 
@@ -49,22 +49,46 @@ def test_single_point_grid_is_the_fixed_alpha_block_unit_run() -> None:
         assert torch.equal(w, _weights(searched)[name]), name
 
 
-@pytest.mark.parametrize("fisher", ["token", "row"])
-def test_per_block_choice_is_the_grid_minimum_and_prunes_as_that_alpha(fisher: str) -> None:
-    """Each block keeps the grid point with the lowest held-out boundary error; the first block
-    (whose inputs are the dense model's) is pruned exactly as a fixed-α block-unit run with the
-    chosen α prunes it; every weight satisfies 2:4."""
+def test_descend_reaches_the_local_minimum_scoring_only_what_it_needs() -> None:
+    grid = [0.0, 0.25, 0.5, 0.75, 1.0]
+    seen: list[float] = []
+
+    def score(a: float) -> float:
+        seen.append(a)
+        return (a - 0.25) ** 2
+
+    assert descend(grid, 3, score) == 0.25
+    assert sorted(set(seen)) == grid  # walked 0.75 → 0.5 → 0.25, checking 0.0 and 1.0 on the way
+    seen.clear()
+    assert descend(grid, 1, score) == 0.25 and sorted(set(seen)) == [0.0, 0.25, 0.5]  # 3 points, not 5
+    bimodal = {0.0: 0.0, 0.25: 2.0, 0.5: 1.0, 0.75: 0.5, 1.0: 0.7}
+    assert descend(grid, 3, bimodal.__getitem__) == 0.75  # a local search: the far minimum is not seen
+    assert descend([0.5], 0, score) == 0.5
+
+
+@pytest.mark.parametrize("fisher,search", [("token", "grid"), ("row", "grid"), ("token", "local")])
+def test_per_block_choice_is_the_grid_minimum_and_prunes_as_that_alpha(fisher: str, search: str) -> None:
+    """Each block keeps the grid point with the lowest held-out boundary error (the exhaustive
+    search scores every point; the local one at least the chosen point's neighbours); the first
+    block (whose inputs are the dense model's) is pruned exactly as a fixed-α block-unit run with
+    the chosen α prunes it; every weight satisfies 2:4."""
     calib = _calib()
     model = tiny_llama()
     dense = copy.deepcopy(model)
+    grid = [0.0, 0.5, 1.0]
     moonshot_fx.sparsify(model, calibration=calib, sparsity="2:4", method="moonshot", alpha="auto",
-                         alpha_grid=(0.0, 0.5, 1.0), fisher=fisher, sequential=True, progress=False)
+                         alpha_grid=tuple(grid), fisher=fisher, sequential=True, progress=False,
+                         alpha_block_search=search)
     rep = model.moonshot_report
     assert set(rep.block_alphas) == {"model.layers.0", "model.layers.1"}
     for key, v in rep.block_alphas.items():
         errors = {float(a): e for a, e in v["held_out_error"].items()}
-        assert sorted(errors) == [0.0, 0.5, 1.0] and v["held_out"]
+        i = grid.index(v["alpha"])
+        assert set(errors) <= set(grid) and v["held_out"]
+        assert set(grid[max(i - 1, 0):i + 2]) <= set(errors)
+        assert sorted(errors) == grid or search == "local"
         assert errors[v["alpha"]] == min(errors.values()) and min(errors.values()) > 0
+    assert sorted(rep.block_alphas["model.layers.0"]["held_out_error"]) == ["0", "0.5", "1"]  # starts at 0.5
     assert rep.alpha is None and "alpha_search" not in rep.timings
     for s in rep.sites:
         w = dict(model.named_parameters())[s.name].detach()
@@ -86,6 +110,8 @@ def test_block_search_needs_the_sequential_pass() -> None:
                              alpha_search="block", sequential=False, progress=False)
     with pytest.raises(ConfigError, match="alpha_search"):
         moonshot_fx.SparsifyConfig(alpha_search="layer")
+    with pytest.raises(ConfigError, match="alpha_block_search"):
+        moonshot_fx.SparsifyConfig(alpha_block_search="golden")
 
 
 def test_kron_candidates_are_previews_and_the_chosen_alpha_is_pruned_in_full() -> None:
