@@ -92,17 +92,20 @@ def test_prune_eval_stories260k(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_prune_stories260k_moonshot_alpha_per_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """--alpha auto on a sequential LM chooses alpha block by block; the choices reach the output
-    and the report, and --alpha-search model keeps the whole-model search."""
+    """--alpha auto on a sequential LM chooses alpha block by block (--alpha-block-search grid: every
+    grid point); the choices reach the output and the report, and --alpha-search model keeps the
+    whole-model search."""
     pytest.importorskip("transformers")
     pytest.importorskip("sentencepiece")
     _data_or_skip("load_stories260k", "calibration_windows", files=("lm/stories260K/stories260K.bin",))
     report = tmp_path / "report.json"
     out, _ = _run(capsys, "prune", "--model", "stories260k", "--sparsity", "2:4", "--method", "moonshot",
-                  "--alpha", "auto", "--fisher", "kron", "--calib-windows", "4", "--seqlen", "64",
-                  "--report", str(report), "--no-progress")
+                  "--alpha", "auto", "--fisher", "kron", "--alpha-block-search", "grid", "--calib-windows", "4",
+                  "--seqlen", "64", "--report", str(report), "--no-progress")
     rep = json.loads(report.read_text())
     assert len(rep["block_alphas"]) == 5 and rep["config"]["alpha_search"] == "block", rep["block_alphas"]
+    assert rep["config"]["alpha_block_search"] == "grid"  # every grid point scored in every block
+    assert all(len(v["held_out_error"]) == len(rep["config"]["alpha_grid"]) for v in rep["block_alphas"].values())
     assert rep["kron_sites"] and "alpha per block (" in out and " blocks)" in out
     out, _ = _run(capsys, "prune", "--model", "stories260k", "--sparsity", "2:4", "--method", "moonshot",
                   "--alpha", "auto", "--alpha-search", "model", "--calib-windows", "4", "--seqlen", "64",
