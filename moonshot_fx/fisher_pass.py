@@ -51,10 +51,13 @@ def default_fisher(cfg: SparsifyConfig, sites: Sequence[Site]) -> str:
     for the Hessian-driven ones (SmolLM2 2:4, five seeds, WikiText-2 / C4 ÷ base: kron
     0.871 / 0.952 over SparseGPT and 0.931 / 0.938 over OPTIMA, against the per-head row form's
     0.927 / 0.979 and 0.957 / 0.956 and the shared token form's; docs/method.md §8). Its sites
-    wider than ``kron_max_width`` use the token form."""
+    wider than ``kron_max_width`` use the token form. Under ``torch.distributed``, where the
+    Kronecker form is not reduced across ranks yet, the per-row form."""
     if any(s.kind.startswith("conv") for s in sites):
         return "sample"
-    return "weight" if cfg.base in ("wanda", "magnitude") else "kron"
+    if cfg.base in ("wanda", "magnitude"):
+        return "weight"
+    return "row" if distributed.is_distributed() else "kron"
 
 
 def resolve_fisher(cfg: SparsifyConfig, sites: Sequence[Site]) -> str:

@@ -39,8 +39,8 @@ def test_single_point_grid_is_the_fixed_alpha_block_unit_run() -> None:
     searched = copy.deepcopy(base)
     moonshot_fx.sparsify(base, calibration=calib, sparsity="2:4", method="sparsegpt", sequential=True,
                          sequential_unit="block", progress=False)
-    moonshot_fx.sparsify(searched, calibration=calib, sparsity="2:4", method="moonshot", alpha="auto",
-                         alpha_grid=(1.0,), sequential=True, progress=False)
+    moonshot_fx.sparsify(searched, calibration=calib, sparsity="2:4", method="moonshot", base="sparsegpt",
+                         alpha="auto", alpha_grid=(1.0,), sequential=True, progress=False)
     rep = searched.moonshot_report
     assert set(rep.block_alphas) == {"model.layers.0", "model.layers.1"}
     assert all(v["alpha"] == 1.0 for v in rep.block_alphas.values())

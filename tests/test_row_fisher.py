@@ -162,7 +162,7 @@ def test_alpha_one_reproduces_the_base_bit_for_bit(extra: dict) -> None:
     ref = tiny_llama()
     moonshot_fx.sparsify(ref, calibration=cal, sparsity="2:4", method=base)
     got = tiny_llama()
-    moonshot_fx.sparsify(got, calibration=cal, sparsity="2:4", method="moonshot", alpha=1.0, **extra)
+    moonshot_fx.sparsify(got, calibration=cal, sparsity="2:4", method="moonshot", alpha=1.0, **{"base": base, **extra})
     for (n, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
         assert torch.equal(a, b), n
 
