@@ -107,6 +107,7 @@ def test_prune_stories260k_moonshot_alpha_per_block(tmp_path: Path, capsys: pyte
     assert rep["config"]["alpha_block_search"] == "grid"  # every grid point scored in every block
     assert all(len(v["held_out_error"]) == len(rep["config"]["alpha_grid"]) for v in rep["block_alphas"].values())
     assert rep["kron_sites"] and "alpha per block (" in out and " blocks)" in out
+    assert rep["config"]["base"] == "admm"  # --method moonshot without --base: the best measured base
     out, _ = _run(capsys, "prune", "--model", "stories260k", "--sparsity", "2:4", "--method", "moonshot",
                   "--alpha", "auto", "--alpha-search", "model", "--calib-windows", "4", "--seqlen", "64",
                   "--report", str(report), "--no-progress")
