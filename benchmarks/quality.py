@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, parse_method, timed, write_json  # noqa: E402
 
@@ -42,11 +44,19 @@ log = logging.getLogger("quality")
 def lm_setup(name: str, args: argparse.Namespace) -> tuple[Any, list[Any], Callable[[Any], float], dict[str, Any]]:
     if name == "smollm2":
         model, tok = data.load_smollm2(progress=False)
+        source = getattr(args, "calib_source", "wikitext2")
         ids = data.tokenize(tok, data.load_text("wikitext2_valid"))
-        cal = data.calibration_windows(ids, args.calib_windows, args.seqlen, seed=args.seed)
+        n_c4 = {"wikitext2": 0, "c4": args.calib_windows, "mix": args.calib_windows // 2}[source]
+        cal = data.calibration_windows(ids, args.calib_windows - n_c4, args.seqlen, seed=args.seed)
+        calib_text = f"{args.calib_windows - n_c4}x{args.seqlen} tokens wikitext2_valid"
+        if n_c4:
+            c4_ids, skipped = c4_calibration_ids(tok, max(getattr(args, "c4_windows", 0), 1) * args.seqlen)
+            cal = torch.cat([cal, data.calibration_windows(c4_ids, n_c4, args.seqlen, seed=args.seed)])
+            calib_text = (f"{calib_text} + " if n_c4 < args.calib_windows else "") + \
+                f"{n_c4}x{args.seqlen} tokens c4_valid_sample documents {skipped}+ (after the evaluated ones)"
         test = data.tokenize(tok, data.load_text("wikitext2_test"))
         ev = data.eval_windows(test, args.seqlen, args.eval_windows)
-        settings = {"calibration": f"{args.calib_windows}x{args.seqlen} tokens wikitext2_valid seed {args.seed}",
+        settings = {"calibration": f"{calib_text} seed {args.seed}",
                     "evaluation": f"first {ev.shape[0]}x{args.seqlen} tokens wikitext2_raw_test", "metric": "perplexity"}
     else:
         model, tok = data.load_stories260k()
@@ -57,10 +67,29 @@ def lm_setup(name: str, args: argparse.Namespace) -> tuple[Any, list[Any], Calla
     batches = [{"input_ids": cal[i:i + args.batch]} for i in range(0, cal.shape[0], args.batch)]
     if name == "smollm2" and getattr(args, "c4_windows", 0):  # speed.py does not evaluate, so has no such flag
         c4 = data.eval_windows(data.tokenize(tok, data.load_text("c4_valid")), args.seqlen, args.c4_windows)
-        settings["evaluation_c4"] = f"first {c4.shape[0]}x{args.seqlen} tokens c4_valid_sample (never calibrated on)"
+        settings["evaluation_c4"] = f"first {c4.shape[0]}x{args.seqlen} tokens c4_valid_sample" + (
+            " (never calibrated on)" if getattr(args, "calib_source", "wikitext2") == "wikitext2"
+            else " (calibration uses later documents only)")
         return model, batches, lambda m: {"quality": data.perplexity(m, ev, batch_size=4),
                                           "quality_c4": data.perplexity(m, c4, batch_size=4)}, settings
     return model, batches, lambda m: {"quality": data.perplexity(m, ev, batch_size=4)}, settings
+
+
+def c4_calibration_ids(tok: Any, eval_tokens: int) -> tuple[torch.Tensor, int]:
+    """C4 tokens for calibration that share no document with the evaluated C4 span: the documents
+    after the first ``k``, where the first ``k`` documents (joined as :func:`data.load_text` joins
+    them) already hold more than ``eval_tokens`` tokens. Returns the ids and ``k``."""
+    import json
+
+    docs = [json.loads(line)["text"] for line in data.data_file(data.text.TEXT_FILES["c4_valid"])
+            .read_text(encoding="utf-8").splitlines() if line.strip()]
+    k, size = 0, 0
+    while size <= eval_tokens + 64:  # margin: the last evaluated window may end inside document k
+        k += 1
+        if k >= len(docs):
+            raise ValueError(f"c4_valid_sample has too few documents to keep {eval_tokens} evaluation tokens apart")
+        size = data.tokenize(tok, "\n\n".join(docs[:k])).numel()
+    return data.tokenize(tok, "\n\n".join(docs[k:])), k
 
 
 def cnn_setup(name: str, args: argparse.Namespace) -> tuple[Any, list[Any], Callable[[Any], float], dict[str, Any]]:
@@ -175,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
                                                      "moonshot-wanda"])
     p.add_argument("--calib-windows", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--calib-source", choices=("wikitext2", "c4", "mix"), default="wikitext2",
+                   help="smollm2: calibrate on WikiText-2 validation (default), on C4 documents after the "
+                        "evaluated ones, or half of each")
     p.add_argument("--c4-windows", type=int, default=0,
                    help="smollm2: also report perplexity on the first N 512-token windows of the C4 sample "
                         "(quality_c4; out of the calibration domain)")

