@@ -54,7 +54,17 @@ def main(argv: list[str] | None = None) -> None:
                      "peak_rss_mb": peak / 2**20, "sequential_unit": model.moonshot_report.config.get("sequential_unit")})
         print(f"{label:<22} wall {wall:7.1f}s  prune step {rows[-1]['prune_step']:7.1f}s  "
               f"gradients {rows[-1]['gradients']:6.1f}s  peak RSS {peak / 2**20:6.0f} MB", flush=True)
+        _write(args, settings, rows, complete=False)  # a run stopped early keeps the rows it measured
     model.load_state_dict(dense)
+    _write(args, settings, rows, complete=True)
+    from render import render_all
+
+    render_all()
+
+
+def _write(args: argparse.Namespace, settings: dict[str, Any], rows: list[dict[str, Any]], complete: bool) -> None:
+    """Write ``<prefix>_<model>.json`` with the rows so far (``"complete"`` says whether every
+    requested method ran) and their markdown table."""
     ref = next((r for r in rows if r["method"] == "sparsegpt"), rows[0])
     lines = [f"**{args.model} {args.pattern}** — {settings['calibration']}; ratios to {ref['method']} in the same run "
              f"(`{' '.join(sys.argv)}`, {time.strftime('%Y-%m-%d %H:%M')})", "",
@@ -69,11 +79,10 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['gradients']:.1f} | {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}× |")
     md = "\n".join(lines)
     write_json(RESULTS / f"{args.prefix}_{args.model}.json", {"model": args.model, "pattern": args.pattern, "settings": settings,
-                                                     "machine": machine(), "rows": rows, "markdown": md})
-    print(md)
-    from render import render_all
-
-    render_all()
+                                                     "machine": machine(), "rows": rows, "markdown": md,
+                                                     "complete": complete, "command": " ".join(sys.argv)})
+    if complete:
+        print(md)
 
 
 if __name__ == "__main__":

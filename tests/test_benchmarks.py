@@ -162,6 +162,7 @@ def test_speed_script_runs_on_smollm2(tmp_path: Path) -> None:
                       "--batch", "1", "--prefix", "t"], tmp_path)
     rows = json.loads((tmp_path / "t_smollm2.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["magnitude"] and rows[0]["wall"] > 0
+    assert json.loads((tmp_path / "t_smollm2.json").read_text())["complete"] is True
 
 
 def test_c4_calibration_shares_no_document_with_the_evaluated_c4_span() -> None:
