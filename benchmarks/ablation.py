@@ -7,6 +7,8 @@ without one (a follow-up run of a few configurations) takes SparseGPT from the f
 seed and settings whose name shares the longest prefix with its own, the run closest in time on a
 tie (``quality17k_smollm2_seed2`` → ``quality17_smollm2_seed2``, ``q18best_smollm2`` →
 ``q18_smollm2``): the table names it.
+Runs calibrated on C4 (all of it or half) are rows of their own, labelled so, their ratios to
+SparseGPT calibrated the same way.
 Rounding moves a 2:4 perplexity by about ±3% between otherwise identical runs, which is why
 only the mean over seeds is read against a target.
 """
@@ -44,6 +46,15 @@ def _hours_apart(a: dict[str, Any], b: dict[str, Any]) -> float:
     return abs((ta - tb).total_seconds()) / 3600
 
 
+def _calibration_tag(doc: dict[str, Any]) -> str:
+    """``""`` for the usual WikiText-2 calibration; a label suffix for runs calibrated on C4
+    (``quality.py --calib-source``), which are their own rows, never mixed into the usual ones."""
+    cal = str(doc.get("settings", {}).get("calibration", ""))
+    if "c4_valid" not in cal:
+        return ""
+    return " [calibrated on WikiText-2 + C4]" if "wikitext2" in cal else " [calibrated on C4]"
+
+
 def _rows(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {r["method"]: r for r in doc.get("rows", [])
             if r.get("pattern") == PATTERN and "quality_c4" in r and "error" not in r}
@@ -74,6 +85,10 @@ def collect(files: list[tuple[Path, dict[str, Any]]]) -> dict[str, list[tuple[in
         for method, r in rows.items():
             if method.startswith("moonshot") and not (set(method.split("+")[0].split("-")) & FORMS):
                 method += f"-{r['fisher']}" if r.get("fisher") else " (default form of its run)"
+            if _calibration_tag(doc):
+                if method == "sparsegpt":
+                    continue  # 1.000 by construction: the tagged rows' own baseline
+                method += _calibration_tag(doc)
             entry = (seed, r["quality"] / base["quality"], r["quality_c4"] / base["quality_c4"], base_stem, own)
             old = out.setdefault(method, {}).get(seed)
             if old is None or (own and not old[4]) or own == old[4]:
@@ -91,7 +106,7 @@ def ablation_table(files: list[tuple[Path, dict[str, Any]]]) -> str | None:
     data = collect(files)
     if not data:
         return None
-    order = sorted(data, key=lambda m: (m != "sparsegpt", sum(e[2] for e in data[m]) / len(data[m])))
+    order = sorted(data, key=lambda m: (m != "sparsegpt", "[calibrated" in m, sum(e[2] for e in data[m]) / len(data[m])))
     lines = ["| configuration | seeds | WikiText-2 ÷ SparseGPT | C4 ÷ SparseGPT | SparseGPT from |",
              "|---|---|---:|---:|---|"]
     for m in order:

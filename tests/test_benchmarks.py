@@ -98,8 +98,12 @@ def test_ablation_ratios_use_the_same_seed_and_the_nearest_baseline_file() -> No
              (Path("other_smollm2.json"), doc(0, [("sparsegpt", 10.0, 10.0)])),  # a farther name
              (Path("qbest_smollm2.json"), doc(0, [("moonshot-optima", 70.0, 150.0)], fisher="kron")),
              (Path("qbest_resnet20.json"), doc(0, [("sparsegpt", 1.0, 1.0)]))]
+    c4 = doc(0, [("sparsegpt", 20.0, 40.0), ("admm", 10.0, 10.0)])  # calibrated on C4: rows of its own
+    c4["settings"]["calibration"] = "32x512 tokens c4_valid_sample documents 21+ (after the evaluated ones) seed 0"
+    files.append((Path("z_smollm2.json"), c4))
     data = ablation.collect(files)
     assert data["admm"] == [(0, 0.8, 0.9, "q_smollm2"), (1, 0.9, 0.8, "q_smollm2_seed1")]
+    assert data["admm [calibrated on C4]"] == [(0, 0.5, 0.25, "z_smollm2")]
     assert data["moonshot-optima-kron"] == [(0, 0.7, 0.75, "q_smollm2")]  # the form recorded by the run
     table = ablation.ablation_table(files)
     assert table is not None and "| admm | 0,1 | 0.850 [0.800, 0.900] | 0.850 [0.800, 0.900] | 2 files |" in table
