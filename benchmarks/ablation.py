@@ -82,13 +82,14 @@ def collect(files: list[tuple[Path, dict[str, Any]]]) -> dict[str, list[tuple[in
                                                  -_hours_apart(with_base[s], doc), s))
         base = _rows(with_base[base_stem])["sparsegpt"]
         own = base_stem == stem
+        tag = _calibration_tag(doc)
         for method, r in rows.items():
             if method.startswith("moonshot") and not (set(method.split("+")[0].split("-")) & FORMS):
                 method += f"-{r['fisher']}" if r.get("fisher") else " (default form of its run)"
-            if _calibration_tag(doc):
+            if tag:
                 if method == "sparsegpt":
                     continue  # 1.000 by construction: the tagged rows' own baseline
-                method += _calibration_tag(doc)
+                method += tag
             entry = (seed, r["quality"] / base["quality"], r["quality_c4"] / base["quality_c4"], base_stem, own)
             old = out.setdefault(method, {}).get(seed)
             if old is None or (own and not old[4]) or own == old[4]:

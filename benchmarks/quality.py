@@ -79,10 +79,7 @@ def c4_calibration_ids(tok: Any, eval_tokens: int) -> tuple[torch.Tensor, int]:
     """C4 tokens for calibration that share no document with the evaluated C4 span: the documents
     after the first ``k``, where the first ``k`` documents (joined as :func:`data.load_text` joins
     them) already hold more than ``eval_tokens`` tokens. Returns the ids and ``k``."""
-    import json
-
-    docs = [json.loads(line)["text"] for line in data.data_file(data.text.TEXT_FILES["c4_valid"])
-            .read_text(encoding="utf-8").splitlines() if line.strip()]
+    docs = data.load_documents("c4_valid")
     k, size = 0, 0
     while size <= eval_tokens + 64:  # margin: the last evaluated window may end inside document k
         k += 1

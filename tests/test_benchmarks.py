@@ -181,8 +181,7 @@ def test_c4_calibration_shares_no_document_with_the_evaluated_c4_span() -> None:
     from moonshot_fx import data
 
     _, tok = data.load_smollm2(progress=False)
-    docs = [json.loads(line)["text"] for line in data.data_file(data.text.TEXT_FILES["c4_valid"])
-            .read_text(encoding="utf-8").splitlines() if line.strip()]
+    docs = data.load_documents("c4_valid")
     span = 16 * 512
     ids, k = quality.c4_calibration_ids(tok, span)
     head = data.tokenize(tok, "\n\n".join(docs[:k]))

@@ -15,6 +15,7 @@ from moonshot_fx.data import (
     eval_windows,
     load_cifar,
     load_cifar_resnet,
+    load_documents,
     load_text,
     perplexity,
     permute_rope_rows,
@@ -49,6 +50,15 @@ def test_load_text() -> None:
     assert "<unk>" in load_text("wikitext2_valid")[:5000]
     with pytest.raises(FileNotFoundError):
         load_text("no_such_corpus")
+
+
+def test_load_documents_is_what_load_text_joins() -> None:
+    docs = load_documents("c4_valid")
+    assert len(docs) == 332 and all(isinstance(d, str) and d for d in docs)
+    assert load_text("c4_valid") == "\n\n".join(docs)
+    assert load_documents("tinystories") == [load_text("tinystories")]  # not .jsonl: one document
+    with pytest.raises(FileNotFoundError):
+        load_documents("no_such_corpus")
 
 
 def test_calibration_windows_shape_and_determinism() -> None:

@@ -16,12 +16,13 @@ from .llama2c import (
 )
 from .paths import DATA_ENV_VAR, data_file, data_root
 from .smollm2 import load_smollm2, smollm2_gguf_path
-from .text import calibration_windows, eval_windows, load_text, perplexity, sampled_windows, story_tokens, tokenize
+from .text import calibration_windows, eval_windows, load_documents, load_text, perplexity, sampled_windows, story_tokens, tokenize
 
 __all__ = [
     "DATA_ENV_VAR",
     "data_root",
     "data_file",
+    "load_documents",
     "load_text",
     "tokenize",
     "calibration_windows",
